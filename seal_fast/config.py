@@ -1,0 +1,99 @@
+"""The run's configuration: one dataclass whose defaults are the paper's recipe (../shared/seal_recipe.md).
+
+Pure Python (no torch), so that the dry-run plan and the checks below run without the heavy imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+METHODS = ("seal", "llf", "normal")
+ARCHS = ("resnet50", "resnet18", "resnet10")  # resnet50 is the recipe; the others are for tests and quick looks
+
+
+@dataclass
+class Config:
+    method: str = "seal"            # seal | llf | normal
+    data: str | None = None         # tiny-imagenet-200 folder; None = the built-in synthetic set
+    out: str | None = None          # output folder; None = runs/<method>-<timestamp>
+    seed: int = 0                   # model init, data order, augmentation, LLF re-init
+    arch: str = "resnet50"          # torchvision ResNet, recipe init, ImageNet stem
+    generations: int = 10           # generations of `epochs` epochs each
+    epochs: int = 160               # epochs per generation
+    ascent_epochs: int = 40         # SEAL: epochs of early-layer ascent at the start of generations >= 1
+    ascent_lr_scale: float = -0.01  # SEAL: early-partition lr = lr_e * this during ascent (negative = ascent)
+    ascent_wd_scale: float = 0.0    # SEAL: early-partition weight decay = weight_decay * this during ascent
+    threshold: str = "layer3"       # first layer of the "later" partition (parameter-name prefix)
+    warmup: int = 20                # epochs of linear warm-up at the start of every generation
+    lr: float = 0.1                 # peak learning rate
+    momentum: float = 0.9
+    weight_decay: float = 5e-4      # on every parameter, BN included
+    batch_size: int = 32            # images per optimizer step
+    label_smoothing: float = 0.1
+    eval_every: int = 2             # validate after every `eval_every`-th epoch (and where the code adds one)
+    amp: bool = False               # bf16 autocast where supported, else fp16 with loss scaling
+    channels_last: bool = False     # NHWC memory format for model and inputs
+    device: str = "auto"            # auto | cpu | cuda
+    workers: int = -1               # data-loader worker processes; -1 = pick from the CPU count
+    preset: str = "paper"           # paper | demo: which defaults the values above started from
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The demo schedule used when training on the built-in synthetic data: 2 generations with ascent,
+# small enough to finish in about 5 minutes on a 2-core CPU. Explicit flags override it.
+DEMO_OVERRIDES = dict(generations=2, epochs=4, ascent_epochs=1, warmup=1, preset="demo")
+
+# Keys that may differ between a run and its resume without changing the science.
+RESUME_FREE_KEYS = ("out", "workers", "device", "preset")
+
+
+def make_config(explicit: dict, preset: str) -> Config:
+    """Config from a preset ("paper" or "demo") and the flags the user gave explicitly."""
+    if preset not in ("paper", "demo"):
+        raise ConfigError(f"--preset {preset!r}: choose 'paper' or 'demo'")
+    base = dict(DEMO_OVERRIDES) if preset == "demo" else {}
+    base.update(explicit)
+    base["preset"] = preset
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = set(base) - names
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return Config(**base)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible combinations with a one-line reason (ConfigError)."""
+    from .schedule import param_names, split_partitions
+
+    def need(ok: bool, why: str) -> None:
+        if not ok:
+            raise ConfigError(why)
+
+    need(cfg.method in METHODS, f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    need(cfg.arch in ARCHS, f"--arch {cfg.arch!r}: choose one of {', '.join(ARCHS)}")
+    need(cfg.generations >= 1, f"--generations {cfg.generations}: need at least 1 generation")
+    need(cfg.epochs >= 1, f"--epochs {cfg.epochs}: need at least 1 epoch per generation")
+    need(cfg.ascent_epochs >= 0, f"--ascent-epochs {cfg.ascent_epochs}: cannot be negative")
+    need(cfg.ascent_epochs < cfg.epochs,
+         f"--ascent-epochs {cfg.ascent_epochs} >= --epochs {cfg.epochs}: the ascent must end inside the "
+         "generation, leaving descent epochs")
+    need(0 <= cfg.warmup <= cfg.epochs, f"--warmup {cfg.warmup}: must lie between 0 and --epochs {cfg.epochs}")
+    need(cfg.lr > 0, f"--lr {cfg.lr}: the peak learning rate must be positive (ascent is --ascent-lr-scale < 0)")
+    need(0 <= cfg.momentum < 1, f"--momentum {cfg.momentum}: must lie in [0, 1)")
+    need(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: cannot be negative")
+    need(cfg.ascent_wd_scale >= 0, f"--ascent-wd-scale {cfg.ascent_wd_scale}: cannot be negative")
+    need(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be a positive number of images")
+    need(0 <= cfg.label_smoothing < 1, f"--label-smoothing {cfg.label_smoothing}: must lie in [0, 1)")
+    need(cfg.eval_every >= 1, f"--eval-every {cfg.eval_every}: must be at least 1 epoch")
+    need(cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: choose auto, cpu or cuda")
+    names = param_names(cfg.arch)
+    early, later = split_partitions(names, cfg.threshold)
+    need(bool(later), f"--threshold {cfg.threshold!r}: {cfg.arch} has no parameter whose name starts with "
+                      f"'{cfg.threshold}.' (try layer2, layer3 or layer4)")
+    need(bool(early), f"--threshold {cfg.threshold!r}: leaves the early partition empty; "
+                      "pick a later layer such as layer2, layer3 or layer4")

@@ -1,0 +1,443 @@
+"""`python -m seal_fast.train`: the SEAL / LLF / normal trainer. Read top to bottom:
+
+1. command line -> Config (config.py) -> plan (schedule.py)
+2. setup: output folder, device, data, model, optimizer, resume
+3. the optimizer seam: one place builds the optimizer and applies a plan entry to it
+4. one training epoch, evaluation
+5. the run: plan entry by plan entry, atomic checkpoint after every epoch
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .config import DEMO_OVERRIDES, RESUME_FREE_KEYS, Config, make_config, validate
+from .errors import ConfigError, DataError, NonFiniteLossError, SealError
+from .schedule import build_plan, describe
+
+# ----------------------------------------------------------------------------------------------
+# 1. Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = argparse.ArgumentParser(
+        prog="python -m seal_fast.train", argument_default=argparse.SUPPRESS,
+        description="Train ResNet on Tiny-ImageNet with SEAL, LLF or normal training. Defaults are the "
+                    "paper's recipe; without --data it trains a demo schedule on a built-in synthetic set.")
+    a = p.add_argument
+    a("--method", choices=("seal", "llf", "normal"), help=f"training method (default {d.method})")
+    a("--data", metavar="DIR", help="tiny-imagenet-200 folder (default: built-in synthetic data, demo schedule)")
+    a("--out", metavar="DIR", help="output folder (default runs/<method>-<timestamp>)")
+    a("--resume", nargs="?", const=True, metavar="DIR",
+      help="continue the run in DIR (or in --out) from its last.pt, exactly")
+    a("--seed", type=int, help=f"seed of init, data order, augmentation, LLF re-init (default {d.seed})")
+    a("--arch", choices=("resnet50", "resnet18", "resnet10"), help=f"model (default {d.arch}, the recipe's)")
+    a("--generations", type=int, help=f"generations (default {d.generations}; demo {DEMO_OVERRIDES['generations']})")
+    a("--epochs", type=int, help=f"epochs per generation (default {d.epochs}; demo {DEMO_OVERRIDES['epochs']})")
+    a("--ascent-epochs", type=int,
+      help=f"SEAL ascent epochs per generation >= 1 (default {d.ascent_epochs}; demo {DEMO_OVERRIDES['ascent_epochs']})")
+    a("--ascent-lr-scale", type=float, help=f"early lr = lr_e x this during ascent (default {d.ascent_lr_scale})")
+    a("--ascent-wd-scale", type=float, help=f"early weight decay x this during ascent (default {d.ascent_wd_scale})")
+    a("--threshold", help=f"first layer of the later partition (default {d.threshold})")
+    a("--warmup", type=int, help=f"warm-up epochs per generation (default {d.warmup}; demo {DEMO_OVERRIDES['warmup']})")
+    a("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    a("--momentum", type=float, help=f"SGD momentum (default {d.momentum})")
+    a("--weight-decay", type=float, help=f"weight decay on every parameter (default {d.weight_decay})")
+    a("--batch-size", type=int, help=f"images per step (default {d.batch_size})")
+    a("--label-smoothing", type=float, help=f"cross-entropy label smoothing (default {d.label_smoothing})")
+    a("--eval-every", type=int, help=f"validate every N epochs (default {d.eval_every})")
+    a("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (fp16 + loss scaling without bf16)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
+    a("--device", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
+    a("--workers", type=int, help="data-loader worker processes (default: from the CPU count)")
+    a("--preset", choices=("paper", "demo"),
+      help="defaults to start from (default: demo without --data, paper with --data or --dry-run)")
+    a("--dry-run", action="store_true", help="print the plan, one JSON object per epoch, and exit")
+    return p
+
+
+def parse(argv: list[str] | None) -> tuple[Config, dict, argparse.Namespace]:
+    """(config, explicitly given settings, raw args). Flags the user did not give keep the preset's values."""
+    args = build_parser().parse_args(argv)
+    explicit = {k: v for k, v in vars(args).items() if k not in ("resume", "dry_run", "preset")}
+    dry_run = getattr(args, "dry_run", False)
+    preset = getattr(args, "preset", None) or ("demo" if explicit.get("data") is None and not dry_run else "paper")
+    cfg = make_config(explicit, preset)
+    validate(cfg)
+    return cfg, explicit, args
+
+
+def print_plan(cfg: Config) -> None:
+    out = sys.stdout
+    for entry in build_plan(cfg):
+        out.write(json.dumps(entry) + "\n")
+    out.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Setup
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_out(cfg: Config, resuming: bool) -> Path:
+    out = Path(cfg.out or f"runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a folder you can "
+                          "write to") from None
+    if not resuming and (out / "last.pt").exists():
+        raise ConfigError(f"--out {out} already holds a run (last.pt): continue it with --resume {out}, "
+                          "or choose another --out")
+    return out
+
+
+def resolve_resume(args, cfg: Config, explicit: dict) -> tuple[Config, dict | None]:
+    """With --resume: the saved config (flags given now must agree with it) and the checkpoint."""
+    from . import checkpoint
+
+    resume = getattr(args, "resume", None)
+    if resume is None:
+        return cfg, None
+    folder = resume if isinstance(resume, str) else explicit.get("out")
+    if not folder:
+        raise ConfigError("--resume: name the run folder (--resume DIR, or --resume with --out DIR)")
+    ckpt = checkpoint.load(Path(folder) / "last.pt")
+    saved = dict(ckpt["config"])
+    differ = [f"{k}: run has {saved.get(k)!r}, command line says {v!r}" for k, v in explicit.items()
+              if k not in RESUME_FREE_KEYS and saved.get(k) != v]
+    if differ:
+        raise ConfigError(f"--resume {folder}: the settings differ from the saved run ({'; '.join(differ)}); "
+                          "resume with the run's own settings, or start a new run in another --out")
+    saved.update({k: explicit[k] for k in RESUME_FREE_KEYS if k in explicit})
+    saved["out"] = str(folder)
+    cfg = Config(**saved)
+    validate(cfg)
+    return cfg, ckpt
+
+
+def resolve_dataset(cfg: Config, say) -> str:
+    if cfg.data is not None:
+        return cfg.data
+    from .data.synthetic import ensure_synthetic
+
+    t = time.time()
+    root, created = ensure_synthetic()
+    if created:
+        say(f"wrote the built-in synthetic dataset to {root} in {time.time() - t:.1f} s")
+    return str(root)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The optimizer seam
+# ----------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model, entry: dict, cfg: Config):
+    """The optimizer for the plan's two groups (early, later), in plan order.
+
+    Today torch.optim.SGD (the published code's optimizer); the fused SignedSGD replaces it here.
+    torch.optim.SGD refuses a negative lr only in its constructor, so the groups start at +lr and
+    `apply_entry` sets the plan's signed values, as the authors' code does."""
+    import torch
+
+    params = dict(model.named_parameters())
+    groups = [{"params": [params[n] for n in g["params"]], "name": g["name"]} for g in entry["groups"]]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, dampening=0.0,
+                           weight_decay=cfg.weight_decay, nesterov=False)
+
+
+def apply_entry(optimizer, entry: dict) -> None:
+    """Apply a plan entry at the start of its epoch: momentum reset, then signed lr and weight decay."""
+    if entry["reset_momentum"]:
+        # Same as rebuilding torch.optim.SGD: with no buffer, the next step starts it at d_p.
+        optimizer.state.clear()
+    for group, planned in zip(optimizer.param_groups, entry["groups"]):
+        group["lr"] = planned["lr"]
+        group["weight_decay"] = planned["weight_decay"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. One epoch
+# ----------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out: Path, say):
+        import torch
+
+        from .data import build_loaders, normalize
+        from .models import build_model
+
+        self.cfg, self.out, self.say, self.normalize = cfg, out, say, normalize
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+        self.device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        root = resolve_dataset(cfg, say)
+        workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
+        self.loaders = build_loaders(root, cfg.batch_size, cfg.seed, workers, self.device.type == "cuda",
+                                     eval_batch_size=max(256, cfg.batch_size))
+        self.data_root = root
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.arch, num_classes=len(self.loaders.classes)).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.plan = build_plan(cfg, [n for n, _ in self.model.named_parameters()])
+        self.optimizer = make_optimizer(self.model, self.plan[0], cfg)
+        self.amp_dtype = None
+        if cfg.amp:
+            bf16_ok = self.device.type == "cpu" or torch.cuda.is_bf16_supported()
+            self.amp_dtype = torch.bfloat16 if bf16_ok else torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.criterion = make_criterion(cfg)
+        self.next_epoch, self.best_val, self.history = 0, None, []
+
+    # -- checkpoint ----------------------------------------------------------------------------
+    def state(self) -> dict:
+        from .checkpoint import rng_state
+
+        return {"version": 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "next_epoch": self.next_epoch, "rng": rng_state(),
+                "config": self.cfg.to_dict(), "best_val": self.best_val, "metrics": self.history}
+
+    def load(self, ckpt: dict) -> None:
+        from .checkpoint import set_rng_state
+
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.next_epoch, self.best_val, self.history = ckpt["next_epoch"], ckpt["best_val"], list(ckpt["metrics"])
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _forward(self, images, labels):
+        import torch
+
+        x = self.normalize(images, self.device, self.cfg.channels_last)
+        y = labels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+            loss = self.criterion(logits, y)
+        return logits, loss, y
+
+    def train_epoch(self, entry: dict) -> dict:
+        import torch
+        from tqdm import tqdm
+
+        model, opt, loader = self.model, self.optimizer, self.loaders.train
+        model.train()
+        steps = len(loader)
+        losses = torch.zeros(steps, device=self.device)   # per-step loss, read at sync points only
+        sizes = torch.zeros(steps, device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        checked = 0
+        bar = tqdm(total=steps, disable=None, leave=False, dynamic_ncols=True, file=sys.stderr,
+                   desc=f"gen {entry['generation']} ep {entry['epoch']} {entry['phase']}")
+        start = time.perf_counter()
+
+        def check(upto: int) -> None:
+            nonlocal checked
+            seen = losses[checked:upto]
+            bad = (~torch.isfinite(seen)).nonzero()
+            if len(bad):
+                step = checked + int(bad[0])
+                raise NonFiniteLossError(self._nonfinite_message(entry, step, steps, float(seen[int(bad[0])])))
+            if bar.disable is False and upto:
+                mean = float((losses[:upto] * sizes[:upto]).sum() / sizes[:upto].sum())
+                rate = float(sizes[:upto].sum()) / (time.perf_counter() - start)
+                bar.set_postfix_str(f"loss {mean:.3f}  {rate:.0f} img/s", refresh=False)
+            checked = upto
+
+        for step, (images, labels) in enumerate(loader.epoch(entry["global_epoch"])):
+            logits, loss, y = self._forward(images, labels)
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+            losses[step] = loss.detach().float()
+            sizes[step] = y.shape[0]
+            correct += (logits.detach().argmax(1) == y).sum()
+            bar.update(1)
+            if (step + 1) % 20 == 0:
+                check(step + 1)
+        check(steps)
+        bar.close()
+        seconds = time.perf_counter() - start
+        n = float(sizes.sum())
+        return {"train_loss": float((losses * sizes).sum() / n), "train_acc": int(correct) / n,
+                "images_per_s": n / seconds, "train_seconds": seconds}
+
+    def _nonfinite_message(self, entry: dict, step: int, steps: int, value: float) -> str:
+        last = self.out / "last.pt"
+        kept = (f"{last} still holds the end of epoch {self.next_epoch - 1} (global)" if last.exists()
+                else "no checkpoint had been written yet")
+        return (f"the training loss became {value} at generation {entry['generation']}, epoch {entry['epoch']} "
+                f"(global epoch {entry['global_epoch']}), step {step} of {steps} ({entry['phase']} phase); "
+                f"stopped without saving the diverged weights: {kept}. Lower --lr or check the data, then "
+                "start a new run (or resume with the same settings to retry)")
+
+    def evaluate(self) -> tuple[float, float]:
+        import torch
+
+        model = self.model
+        model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        n = 0
+        with torch.no_grad():
+            for images, labels in self.loaders.val.epoch(0):
+                logits, loss, y = self._forward(images, labels)
+                loss_sum += loss.float() * y.shape[0]
+                correct += (logits.argmax(1) == y).sum()
+                n += y.shape[0]
+        model.train()
+        return float(loss_sum) / n, int(correct) / n
+
+    # -- 5. the run ----------------------------------------------------------------------------
+    def run(self) -> None:
+        from . import checkpoint
+        from .models import reinit_in_place
+        from .plots import plot_curves
+
+        cfg, plan = self.cfg, self.plan
+        if self.next_epoch >= len(plan):
+            self.say(f"this run is already complete ({len(plan)} epochs); nothing to train")
+        for entry in plan[self.next_epoch:]:
+            import torch
+
+            if entry["reinit"]:
+                gen = torch.Generator().manual_seed(cfg.seed * 100_003 + entry["generation"])
+                reinit_in_place(self.model, entry["reinit"], gen)
+            apply_entry(self.optimizer, entry)
+            t0 = time.perf_counter()
+            row = {"generation": entry["generation"], "epoch": entry["epoch"], "global_epoch": entry["global_epoch"],
+                   "phase": entry["phase"], "lr": {g["name"]: g["lr"] for g in entry["groups"]}}
+            row.update(self.train_epoch(entry))
+            row["val_loss"] = row["val_acc"] = None
+            if entry["evaluate"]:
+                row["val_loss"], row["val_acc"] = self.evaluate()
+                improved = self.best_val is None or row["val_acc"] > self.best_val
+                if improved:
+                    self.best_val = row["val_acc"]
+            else:
+                improved = False
+            row["best_val"] = self.best_val
+            row["seconds"] = time.perf_counter() - t0
+            self.history.append(row)
+            self.next_epoch = entry["global_epoch"] + 1
+            checkpoint.save(self.state(), self.out / "last.pt")
+            if improved:
+                checkpoint.save({"model": self.model.state_dict(), "config": cfg.to_dict(), "val_acc": self.best_val,
+                                 "global_epoch": entry["global_epoch"]}, self.out / "best.pt")
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.say(epoch_line(row, cfg))
+            if entry["epoch"] == cfg.epochs - 1:
+                plot_curves(self.history, self.out / "curves.png", title=f"{cfg.method} ({cfg.arch})")
+        plot_curves(self.history, self.out / "curves.png", title=f"{cfg.method} ({cfg.arch})")
+
+
+def make_criterion(cfg: Config):
+    import torch
+
+    return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def epoch_line(row: dict, cfg: Config) -> str:
+    val = (f" | val loss {row['val_loss']:.3f} acc {100 * row['val_acc']:.1f}%" if row["val_acc"] is not None else "")
+    best = f" (best {100 * row['best_val']:.1f}%)" if row["best_val"] is not None else ""
+    return (f"gen {row['generation'] + 1}/{cfg.generations} epoch {row['epoch'] + 1}/{cfg.epochs} "
+            f"[{row['phase']}] lr early {row['lr']['early']:+.4g} later {row['lr']['later']:.4g} | "
+            f"train loss {row['train_loss']:.3f} acc {100 * row['train_acc']:.1f}%{val}{best} | "
+            f"{row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s")
+
+
+def rewrite_metrics(out: Path, history: list[dict]) -> None:
+    """On resume: metrics.jsonl = exactly the epochs the checkpoint holds (drops a line written after it)."""
+    tmp = out / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def run(argv: list[str] | None = None) -> int:
+    cfg, explicit, args = parse(argv)
+    if getattr(args, "dry_run", False):
+        print_plan(cfg)
+        return 0
+    cfg, ckpt = resolve_resume(args, cfg, explicit)
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    if cfg.data is None:
+        say("seal-fast: no --data given, so this trains on the built-in synthetic dataset (10 classes of coloured "
+            "shapes, 64x64, in the Tiny-ImageNet layout)")
+        if cfg.preset == "demo":
+            say(f"demo schedule: {cfg.generations} generations x {cfg.epochs} epochs ({cfg.ascent_epochs} ascent "
+                f"epoch(s) at the start of every generation after the first, for SEAL), about 3-5 minutes on a 2-core CPU; "
+                "pass --data /path/to/tiny-imagenet-200 for the paper's recipe")
+    out = prepare_out(cfg, resuming=ckpt is not None)
+    cfg = dataclasses.replace(cfg, out=str(out))
+    trainer = Trainer(cfg, out, say)
+    if ckpt is not None:
+        trainer.load(ckpt)
+        rewrite_metrics(out, trainer.history)
+        say(f"resumed {out} at global epoch {trainer.next_epoch} of {len(trainer.plan)}")
+    else:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / "metrics.jsonl").write_text("")
+    say(describe(cfg, trainer.plan))
+    say(f"device {trainer.device.type}, amp {trainer.amp_dtype or 'off'}, channels-last {cfg.channels_last}, "
+        f"{trainer.loaders.train.num_images} train / {trainer.loaders.val.num_images} val images from "
+        f"{trainer.data_root}, {len(trainer.loaders.train)} steps per epoch; writing to {out}")
+    trainer.run()
+    best = trainer.best_val
+    say(f"done: best val top-1 {100 * best:.2f}%" if best is not None else "done")
+    say(f"outputs: {out}/config.json, metrics.jsonl, last.pt, best.pt, curves.png")
+    return 0
+
+
+def _message(exc: BaseException) -> str:
+    """One clear line, also for errors re-raised from a DataLoader worker (which embed a traceback)."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split("Error: ", 1)[1] if "Error: " in last else last
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except SealError as exc:
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; the last finished epoch is in last.pt: continue with --resume DIR", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
