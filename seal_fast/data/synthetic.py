@@ -1,13 +1,14 @@
 """A small learnable dataset written in the real Tiny-ImageNet layout (see layout.py).
 
-Each class is a shape (circle, square, triangle, cross, ring) in a colour family, drawn at a random
-place, size and shade over a random striped background with pixel noise, so a network must learn
-shape and colour to separate them and accuracy rises well above chance when training works.
+Each class is a shape (circle, square, triangle, cross, ring) in a hue of its own, drawn at a random
+place, size and shade over a random striped background with pixel noise: a network that learns
+colour and shape separates the classes, so accuracy rises well above chance when training works.
 A few images are saved as grayscale JPEGs, as in the real set. Written once into a cache folder.
 """
 
 from __future__ import annotations
 
+import colorsys
 import hashlib
 import os
 import shutil
@@ -18,7 +19,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
-COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 GRAYSCALE_EVERY = 97  # every 97th image is written as a 1-channel JPEG
 
 
@@ -26,9 +26,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("SEAL_FAST_CACHE", Path.home() / ".cache" / "seal_fast"))
 
 
-def _draw(rng: np.random.Generator, label: int, size: int) -> Image.Image:
+def _hue(label: int, num_classes: int) -> float:
+    return (label / num_classes + 0.37 * (label % len(SHAPES))) % 1.0
+
+
+def _draw(rng: np.random.Generator, label: int, num_classes: int, size: int) -> Image.Image:
     shape = SHAPES[label % len(SHAPES)]
-    base = np.array(list(COLOURS.values())[(label // len(SHAPES)) % len(COLOURS)], dtype=float)
+    hue = (_hue(label, num_classes) + rng.uniform(-0.3, 0.3) / num_classes) % 1.0
+    base = 255 * np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0)))
     # background: random dark-ish colour with stripes of random period and direction
     bg = rng.uniform(20, 120, size=3)
     yy, xx = np.mgrid[0:size, 0:size]
@@ -39,7 +44,7 @@ def _draw(rng: np.random.Generator, label: int, size: int) -> Image.Image:
     draw = ImageDraw.Draw(pil)
     r = rng.uniform(0.18, 0.32) * size
     cx, cy = rng.uniform(r, size - r, size=2)
-    colour = tuple(int(c) for c in (base * rng.uniform(0.75, 1.15) + rng.normal(0, 12, 3)).clip(0, 255))
+    colour = tuple(int(c) for c in (base + rng.normal(0, 8, 3)).clip(0, 255))
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
         draw.ellipse(box, fill=colour)
@@ -67,10 +72,8 @@ def write_synthetic(root: str | os.PathLike, num_classes: int = 10, train_per_cl
     (root / "val" / "images").mkdir(parents=True)
     (root / "test" / "images").mkdir(parents=True)
     (root / "wnids.txt").write_text("".join(w + "\n" for w in wnids))
-    colours = list(COLOURS)
     (root / "words.txt").write_text("".join(
-        f"{w}\tsynthetic {colours[(k // len(SHAPES)) % len(colours)]} {SHAPES[k % len(SHAPES)]}\n"
-        for k, w in enumerate(wnids)))
+        f"{w}\tsynthetic {SHAPES[k % len(SHAPES)]}, hue {_hue(k, num_classes):.2f}\n" for k, w in enumerate(wnids)))
     count = 0
 
     def save(img: Image.Image, path: Path) -> None:
@@ -85,7 +88,7 @@ def write_synthetic(root: str | os.PathLike, num_classes: int = 10, train_per_cl
         folder.mkdir(parents=True)
         boxes = []
         for i in range(train_per_class):
-            img = _draw(np.random.default_rng([seed, 0, k, i]), k, size)
+            img = _draw(np.random.default_rng([seed, 0, k, i]), k, num_classes, size)
             name = f"{w}_{i}.JPEG"
             save(img, folder / name)
             boxes.append(name + "\t" + "\t".join(map(str, img.info["box"])))
@@ -93,20 +96,20 @@ def write_synthetic(root: str | os.PathLike, num_classes: int = 10, train_per_cl
     lines = []
     for i in range(val_per_class * num_classes):
         k = i % num_classes
-        img = _draw(np.random.default_rng([seed, 1, i]), k, size)
+        img = _draw(np.random.default_rng([seed, 1, i]), k, num_classes, size)
         name = f"val_{i}.JPEG"
         save(img, root / "val" / "images" / name)
         lines.append(f"{name}\t{wnids[k]}\t" + "\t".join(map(str, img.info["box"])))
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     for i in range(num_classes):  # unlabelled test images, as in the real layout (unused)
-        _draw(np.random.default_rng([seed, 2, i]), i, size).save(root / "test" / "images" / f"test_{i}.JPEG")
+        _draw(np.random.default_rng([seed, 2, i]), i, num_classes, size).save(root / "test" / "images" / f"test_{i}.JPEG")
     return root
 
 
 def ensure_synthetic(num_classes: int = 10, train_per_class: int = 160, val_per_class: int = 20,
                      size: int = 64, seed: int = 0, cache: str | os.PathLike | None = None) -> tuple[Path, bool]:
     """The cached synthetic dataset folder, written on first use (atomically). Returns (path, created)."""
-    params = f"v1-{num_classes}-{train_per_class}-{val_per_class}-{size}-{seed}"
+    params = f"v2-{num_classes}-{train_per_class}-{val_per_class}-{size}-{seed}"
     key = hashlib.sha1(params.encode()).hexdigest()[:10]
     base = Path(cache) if cache is not None else cache_root()
     final = base / f"synthetic-{key}" / "tiny-imagenet-200"
