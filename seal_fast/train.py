@@ -18,8 +18,16 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
 from .config import DEMO_OVERRIDES, RESUME_FREE_KEYS, Config, make_config, validate
-from .errors import ConfigError, DataError, NonFiniteLossError, SealError
+from .data import build_loaders, normalize
+from .data.synthetic import ensure_synthetic
+from .errors import ConfigError, NonFiniteLossError, SealError
+from .models import build_model, reinit_in_place
+from .plots import plot_curves
 from .schedule import build_plan, describe
 
 # ----------------------------------------------------------------------------------------------
@@ -106,8 +114,6 @@ def prepare_out(cfg: Config, resuming: bool) -> Path:
 
 def resolve_resume(args, cfg: Config, explicit: dict) -> tuple[Config, dict | None]:
     """With --resume: the saved config (flags given now must agree with it) and the checkpoint."""
-    from . import checkpoint
-
     resume = getattr(args, "resume", None)
     if resume is None:
         return cfg, None
@@ -131,8 +137,6 @@ def resolve_resume(args, cfg: Config, explicit: dict) -> tuple[Config, dict | No
 def resolve_dataset(cfg: Config, say) -> str:
     if cfg.data is not None:
         return cfg.data
-    from .data.synthetic import ensure_synthetic
-
     t = time.time()
     root, created = ensure_synthetic()
     if created:
@@ -151,8 +155,6 @@ def make_optimizer(model, entry: dict, cfg: Config):
     Today torch.optim.SGD (the published code's optimizer); the fused SignedSGD replaces it here.
     torch.optim.SGD refuses a negative lr only in its constructor, so the groups start at +lr and
     `apply_entry` sets the plan's signed values, as the authors' code does."""
-    import torch
-
     params = dict(model.named_parameters())
     groups = [{"params": [params[n] for n in g["params"]], "name": g["name"]} for g in entry["groups"]]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, dampening=0.0,
@@ -176,11 +178,6 @@ def apply_entry(optimizer, entry: dict) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, out: Path, say):
-        import torch
-
-        from .data import build_loaders, normalize
-        from .models import build_model
-
         self.cfg, self.out, self.say, self.normalize = cfg, out, say, normalize
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
@@ -208,25 +205,19 @@ class Trainer:
 
     # -- checkpoint ----------------------------------------------------------------------------
     def state(self) -> dict:
-        from .checkpoint import rng_state
-
         return {"version": 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "next_epoch": self.next_epoch, "rng": rng_state(),
+                "scaler": self.scaler.state_dict(), "next_epoch": self.next_epoch, "rng": checkpoint.rng_state(),
                 "config": self.cfg.to_dict(), "best_val": self.best_val, "metrics": self.history}
 
     def load(self, ckpt: dict) -> None:
-        from .checkpoint import set_rng_state
-
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        checkpoint.set_rng_state(ckpt["rng"])
         self.next_epoch, self.best_val, self.history = ckpt["next_epoch"], ckpt["best_val"], list(ckpt["metrics"])
 
     # -- steps ---------------------------------------------------------------------------------
     def _forward(self, images, labels):
-        import torch
-
         x = self.normalize(images, self.device, self.cfg.channels_last)
         y = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -236,9 +227,6 @@ class Trainer:
         return logits, loss, y
 
     def train_epoch(self, entry: dict) -> dict:
-        import torch
-        from tqdm import tqdm
-
         model, opt, loader = self.model, self.optimizer, self.loaders.train
         model.train()
         steps = len(loader)
@@ -292,8 +280,6 @@ class Trainer:
                 "start a new run (or resume with the same settings to retry)")
 
     def evaluate(self) -> tuple[float, float]:
-        import torch
-
         model = self.model
         model.eval()
         loss_sum = torch.zeros((), device=self.device)
@@ -310,16 +296,10 @@ class Trainer:
 
     # -- 5. the run ----------------------------------------------------------------------------
     def run(self) -> None:
-        from . import checkpoint
-        from .models import reinit_in_place
-        from .plots import plot_curves
-
         cfg, plan = self.cfg, self.plan
         if self.next_epoch >= len(plan):
             self.say(f"this run is already complete ({len(plan)} epochs); nothing to train")
         for entry in plan[self.next_epoch:]:
-            import torch
-
             if entry["reinit"]:
                 gen = torch.Generator().manual_seed(cfg.seed * 100_003 + entry["generation"])
                 reinit_in_place(self.model, entry["reinit"], gen)
@@ -353,8 +333,6 @@ class Trainer:
 
 
 def make_criterion(cfg: Config):
-    import torch
-
     return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
 
@@ -394,7 +372,7 @@ def run(argv: list[str] | None = None) -> int:
             "shapes, 64x64, in the Tiny-ImageNet layout)")
         if cfg.preset == "demo":
             say(f"demo schedule: {cfg.generations} generations x {cfg.epochs} epochs ({cfg.ascent_epochs} ascent "
-                f"epoch(s) at the start of every generation after the first, for SEAL), about 3-5 minutes on a 2-core CPU; "
+                f"epoch(s) at the start of every generation after the first, for SEAL), about 3 minutes on a 2-core CPU; "
                 "pass --data /path/to/tiny-imagenet-200 for the paper's recipe")
     out = prepare_out(cfg, resuming=ckpt is not None)
     cfg = dataclasses.replace(cfg, out=str(out))

@@ -139,3 +139,14 @@ def test_trainer_plan_is_the_dry_run_plan(tiny_data, tmp_path, method):
                  workers=0)
     tr = Trainer(cfg, tmp_path, say=lambda m: None)
     assert tr.plan == build_plan(cfg)
+
+
+def test_criterion_equals_the_published_label_smoothing_loss():
+    """The authors' LabelSmoothing: (1 - s) * NLL + s * mean over classes of -log p."""
+    from seal_fast.train import make_criterion
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(7, 200, dtype=torch.float64), torch.randint(0, 200, (7,))
+    logp = torch.log_softmax(logits, -1)
+    published = (0.9 * -logp.gather(1, y[:, None])[:, 0] + 0.1 * -logp.mean(-1)).mean()
+    torch.testing.assert_close(make_criterion(Config())(logits, y), published, rtol=1e-12, atol=0)
