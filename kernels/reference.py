@@ -1,0 +1,49 @@
+"""Pure-PyTorch references of the kernels in this package. Tests and benchmarks import these.
+
+signed_sgd_ref: torch.optim.SGD's update for any number of groups whose learning rates may be
+negative (gradient ascent), with momentum buffers that a reset flag can restart, and optional loss
+scaling: grads are multiplied by `inv_scale`, and when any of them is non-finite (or `found_inf`
+is already set) nothing is updated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def signed_sgd_ref(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                   fresh: list[bool], lrs: list[float], wds: list[float], momentum: float, dampening: float,
+                   nesterov: bool, inv_scale: torch.Tensor | None = None,
+                   found_inf: torch.Tensor | None = None) -> torch.Tensor:
+    """One step over tensor lists (one entry per parameter; lrs/wds per parameter), in place.
+
+    fresh[i] = True: parameter i's momentum buffer restarts at d_p (torch.optim.SGD's first step).
+    Returns the found-non-finite flag (float32 0/1 tensor on the parameters' device); when loss scaling
+    is used (`inv_scale` given) and the flag is set, params and buffers are left unchanged.
+    Math in float32 (or the parameter's dtype if wider), stored back in the parameter's dtype."""
+    device = params[0].device if params else torch.device("cpu")
+    flag = torch.zeros((), dtype=torch.float32, device=device)
+    if found_inf is not None:
+        flag = flag + (found_inf.to(device) > 0).float()
+    if inv_scale is not None:
+        for g in grads:
+            flag = torch.maximum(flag, (~torch.isfinite(g * inv_scale.to(g.device))).any().float())
+        if bool(flag > 0):
+            return flag
+    for p, g, buf, new, lr, wd in zip(params, grads, bufs, fresh, lrs, wds):
+        wide = torch.promote_types(p.dtype, torch.float32)
+        d_p = g.to(wide)
+        if inv_scale is not None:
+            d_p = d_p * inv_scale.to(device=d_p.device, dtype=wide)
+        if wd != 0:
+            d_p = d_p.add(p.to(wide), alpha=wd)
+        if momentum != 0:
+            if new:
+                b = d_p.clone()
+            else:
+                b = buf.to(wide).mul(momentum).add(d_p, alpha=1 - dampening)
+            buf.copy_(b)
+            d_p = d_p.add(b, alpha=momentum) if nesterov else b
+        p.copy_(p.to(wide).add(d_p, alpha=-lr))
+    return flag
