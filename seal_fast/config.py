@@ -38,6 +38,7 @@ class Config:
     channels_last: bool = False     # NHWC memory format for model and inputs
     device: str = "auto"            # auto | cpu | cuda
     workers: int = -1               # data-loader worker processes; -1 = pick from the CPU count
+    optimizer: str = "signed"       # signed (fused SignedSGD) | torch (torch.optim.SGD); same math
     preset: str = "paper"           # paper | demo: which defaults the values above started from
 
     def to_dict(self) -> dict:
@@ -49,7 +50,7 @@ class Config:
 DEMO_OVERRIDES = dict(generations=2, epochs=4, ascent_epochs=1, warmup=2, preset="demo")
 
 # Keys that may differ between a run and its resume without changing the science.
-RESUME_FREE_KEYS = ("out", "workers", "device", "preset")
+RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer")
 
 
 def make_config(explicit: dict, preset: str) -> Config:
@@ -91,6 +92,7 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.label_smoothing < 1, f"--label-smoothing {cfg.label_smoothing}: must lie in [0, 1)")
     need(cfg.eval_every >= 1, f"--eval-every {cfg.eval_every}: must be at least 1 epoch")
     need(cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: choose auto, cpu or cuda")
+    need(cfg.optimizer in ("signed", "torch"), f"--optimizer {cfg.optimizer!r}: choose signed or torch")
     names = param_names(cfg.arch)
     early, later = split_partitions(names, cfg.threshold)
     need(bool(later), f"--threshold {cfg.threshold!r}: {cfg.arch} has no parameter whose name starts with "

@@ -27,6 +27,7 @@ from .data import build_loaders, normalize
 from .data.synthetic import ensure_synthetic
 from .errors import ConfigError, NonFiniteLossError, SealError
 from .models import build_model, reinit_in_place
+from .optim import SignedSGD
 from .plots import plot_curves
 from .schedule import build_plan, describe
 
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
     a("--device", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
     a("--workers", type=int, help="data-loader worker processes (default: from the CPU count)")
+    a("--optimizer", choices=("signed", "torch"),
+      help="signed: the fused SignedSGD (default); torch: torch.optim.SGD as in the published code")
     a("--preset", choices=("paper", "demo"),
       help="defaults to start from (default: demo without --data, paper with --data or --dry-run)")
     a("--dry-run", action="store_true", help="print the plan, one JSON object per epoch, and exit")
@@ -152,20 +155,26 @@ def resolve_dataset(cfg: Config, say) -> str:
 def make_optimizer(model, entry: dict, cfg: Config):
     """The optimizer for the plan's two groups (early, later), in plan order.
 
-    Today torch.optim.SGD (the published code's optimizer); the fused SignedSGD replaces it here.
-    torch.optim.SGD refuses a negative lr only in its constructor, so the groups start at +lr and
-    `apply_entry` sets the plan's signed values, as the authors' code does."""
+    Default: SignedSGD (seal_fast/optim.py), torch.optim.SGD's update for every group in one fused pass
+    (Triton on CUDA, the PyTorch reference on the CPU). `--optimizer torch` uses torch.optim.SGD itself,
+    as the published code did; it refuses a negative lr only in its constructor, so its groups start at
+    +lr and `apply_entry` sets the plan's signed values, as the authors' code does. Both keep their
+    momentum in torch.optim.SGD's state_dict format, so a checkpoint resumes with either."""
     params = dict(model.named_parameters())
     groups = [{"params": [params[n] for n in g["params"]], "name": g["name"]} for g in entry["groups"]]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, dampening=0.0,
-                           weight_decay=cfg.weight_decay, nesterov=False)
+    kw = dict(lr=cfg.lr, momentum=cfg.momentum, dampening=0.0, weight_decay=cfg.weight_decay, nesterov=False)
+    if cfg.optimizer == "torch":
+        return torch.optim.SGD(groups, **kw)
+    return SignedSGD(groups, backend="auto", **kw)
 
 
 def apply_entry(optimizer, entry: dict) -> None:
     """Apply a plan entry at the start of its epoch: momentum reset, then signed lr and weight decay."""
     if entry["reset_momentum"]:
-        # Same as rebuilding torch.optim.SGD: with no buffer, the next step starts it at d_p.
-        optimizer.state.clear()
+        if isinstance(optimizer, SignedSGD):
+            optimizer.reset_momentum()  # in place: buffers keep their storage
+        else:
+            optimizer.state.clear()  # == a new torch.optim.SGD: the next step starts each buffer at d_p
     for group, planned in zip(optimizer.param_groups, entry["groups"]):
         group["lr"] = planned["lr"]
         group["weight_decay"] = planned["weight_decay"]
@@ -253,7 +262,7 @@ class Trainer:
 
         for step, (images, labels) in enumerate(loader.epoch(entry["global_epoch"])):
             logits, loss, y = self._forward(images, labels)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             self.scaler.scale(loss).backward()
             self.scaler.step(opt)
             self.scaler.update()

@@ -225,3 +225,21 @@ def test_nonfinite_loss_stops_names_the_step_and_keeps_the_last_checkpoint(tiny_
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert ckpt["next_epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_signed_sgd_and_torch_sgd_train_the_same_weights(cli, tiny_data, tmp_path):
+    """The trainer's default SignedSGD (CPU: the PyTorch reference) and --optimizer torch (torch.optim.SGD,
+    as published) give the same run; a SignedSGD checkpoint resumes under torch.optim.SGD."""
+    a, b = tmp_path / "signed", tmp_path / "torch"
+    assert cli(*small_run(tiny_data, a, "seal")).returncode == 0
+    assert cli(*small_run(tiny_data, b, "seal", "--optimizer", "torch")).returncode == 0
+    wa, wb = final_state(a)[0], final_state(b)[0]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+    # a SignedSGD checkpoint, rewound to the end of epoch 1, resumes under torch.optim.SGD and finishes
+    ckpt = torch.load(a / "last.pt", weights_only=False)
+    ckpt["next_epoch"], ckpt["metrics"] = 2, ckpt["metrics"][:2]
+    torch.save(ckpt, a / "last.pt")
+    res = cli("--resume", a, "--optimizer", "torch")
+    assert res.returncode == 0 and "resumed" in res.stdout and "at global epoch 2" in res.stdout, res.stderr
+    assert final_state(a)[2] == 4
