@@ -33,7 +33,8 @@ def signed_sgd_ref(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: 
             return flag
     for p, g, buf, new, lr, wd in zip(params, grads, bufs, fresh, lrs, wds):
         wide = torch.promote_types(p.dtype, torch.float32)
-        d_p = g.to(wide)
+        narrow = wide != p.dtype  # bf16 / fp16 parameters: compute in fp32, store rounded
+        d_p = g.to(wide)          # no copy when g is already fp32
         if inv_scale is not None:
             d_p = d_p * inv_scale.to(device=d_p.device, dtype=wide)
         if wd != 0:
@@ -41,9 +42,15 @@ def signed_sgd_ref(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: 
         if momentum != 0:
             if new:
                 b = d_p.clone()
+            elif narrow:
+                b = buf.to(wide).mul_(momentum).add_(d_p, alpha=1 - dampening)
             else:
-                b = buf.to(wide).mul(momentum).add(d_p, alpha=1 - dampening)
-            buf.copy_(b)
+                b = buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
+            if b is not buf:
+                buf.copy_(b)
             d_p = d_p.add(b, alpha=momentum) if nesterov else b
-        p.copy_(p.to(wide).add(d_p, alpha=-lr))
+        if narrow:
+            p.copy_(p.to(wide).add_(d_p, alpha=-lr))
+        else:
+            p.add_(d_p, alpha=-lr)
     return flag
