@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     env = environment()
     params, split = setup(device)
     n = sum(p.numel() for p in params)
-    reps = args.reps if cuda else max(3, args.reps // 10)
+    reps = args.reps
     print(f"{env['device']} | torch {env['torch']} triton {env['triton']} | {len(params)} tensors "
           f"({split} early / {len(params) - split} later), {n:,} parameters, fp32")
 
