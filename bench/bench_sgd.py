@@ -98,7 +98,6 @@ def main(argv=None) -> int:
     dst = torch.empty_like(src)
     copy_us = record("copy (20 B/param)", lambda: dst.copy_(src))
     copy_gbps = rows[-1]["gbps"]
-    del src, dst
 
     loop_us = record("torch SGD foreach=False (published)", torch_sgd(params, split, foreach=False).step)
     foreach_us = record("torch SGD foreach=True", torch_sgd(params, split, foreach=True).step)

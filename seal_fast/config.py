@@ -39,6 +39,7 @@ class Config:
     device: str = "auto"            # auto | cpu | cuda
     workers: int = -1               # data-loader worker processes; -1 = pick from the CPU count
     optimizer: str = "signed"       # signed (fused SignedSGD) | torch (torch.optim.SGD); same math
+    loader: str = "auto"            # auto | torch | cache | dali; same batches (seal_fast/data/augment.py)
     preset: str = "paper"           # paper | demo: which defaults the values above started from
 
     def to_dict(self) -> dict:
@@ -50,7 +51,7 @@ class Config:
 DEMO_OVERRIDES = dict(generations=2, epochs=4, ascent_epochs=1, warmup=2, preset="demo")
 
 # Keys that may differ between a run and its resume without changing the science.
-RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer")
+RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer", "loader")
 
 
 def make_config(explicit: dict, preset: str) -> Config:
@@ -93,6 +94,7 @@ def validate(cfg: Config) -> None:
     need(cfg.eval_every >= 1, f"--eval-every {cfg.eval_every}: must be at least 1 epoch")
     need(cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: choose auto, cpu or cuda")
     need(cfg.optimizer in ("signed", "torch"), f"--optimizer {cfg.optimizer!r}: choose signed or torch")
+    need(cfg.loader in ("auto", "torch", "cache", "dali"), f"--loader {cfg.loader!r}: choose auto, torch, cache or dali")
     names = param_names(cfg.arch)
     early, later = split_partitions(names, cfg.threshold)
     need(bool(later), f"--threshold {cfg.threshold!r}: {cfg.arch} has no parameter whose name starts with "

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import DEMO_OVERRIDES, RESUME_FREE_KEYS, Config, make_config, validate
-from .data import build_loaders, normalize
+from .data import LOADERS, build_loaders
 from .data.synthetic import ensure_synthetic
 from .errors import ConfigError, NonFiniteLossError, SealError
 from .models import build_model, reinit_in_place
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
     a("--device", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
     a("--workers", type=int, help="data-loader worker processes (default: from the CPU count)")
+    a("--loader", choices=LOADERS,
+      help="auto (default): the fastest available; torch: DataLoader + PIL; cache: decoded once into device "
+           "memory; dali: NVIDIA DALI")
     a("--optimizer", choices=("signed", "torch"),
       help="signed: the fused SignedSGD (default); torch: torch.optim.SGD as in the published code")
     a("--preset", choices=("paper", "demo"),
@@ -187,7 +190,7 @@ def apply_entry(optimizer, entry: dict) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, out: Path, say):
-        self.cfg, self.out, self.say, self.normalize = cfg, out, say, normalize
+        self.cfg, self.out, self.say = cfg, out, say
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
         self.device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -195,8 +198,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         root = resolve_dataset(cfg, say)
         workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
-        self.loaders = build_loaders(root, cfg.batch_size, cfg.seed, workers, self.device.type == "cuda",
-                                     eval_batch_size=max(256, cfg.batch_size))
+        self.loaders = build_loaders(root, cfg.batch_size, cfg.seed, workers, self.device, cfg.channels_last,
+                                     kind=cfg.loader, eval_batch_size=max(256, cfg.batch_size), progress=True)
         self.data_root = root
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.arch, num_classes=len(self.loaders.classes)).to(self.device)
@@ -226,9 +229,7 @@ class Trainer:
         self.next_epoch, self.best_val, self.history = ckpt["next_epoch"], ckpt["best_val"], list(ckpt["metrics"])
 
     # -- steps ---------------------------------------------------------------------------------
-    def _forward(self, images, labels):
-        x = self.normalize(images, self.device, self.cfg.channels_last)
-        y = labels.to(self.device, non_blocking=True)
+    def _forward(self, x, y):
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             logits = self.model(x)
@@ -394,6 +395,7 @@ def run(argv: list[str] | None = None) -> int:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / "metrics.jsonl").write_text("")
     say(describe(cfg, trainer.plan))
+    say(f"loader {trainer.loaders.kind} ({trainer.loaders.why})")
     say(f"device {trainer.device.type}, amp {trainer.amp_dtype or 'off'}, channels-last {cfg.channels_last}, "
         f"{trainer.loaders.train.num_images} train / {trainer.loaders.val.num_images} val images from "
         f"{trainer.data_root}, {len(trainer.loaders.train)} steps per epoch; writing to {out}")

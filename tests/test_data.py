@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from seal_fast.data import build_loaders, normalize
+from seal_fast.data import build_loaders
+from seal_fast.data.augment import MEAN, STD, augment, crop_flip_params, epoch_indices
 from seal_fast.data.layout import scan_train, scan_val
-from seal_fast.data.torch_loader import MEAN, STD, augment, load_rgb
-from seal_fast.errors import DataError
+from seal_fast.data.torch_loader import load_rgb, normalize
+from seal_fast.errors import ConfigError, DataError
 
 
 def test_layout_parser_reads_the_real_layout(tiny_data):
@@ -35,67 +36,104 @@ def test_synthetic_set_has_grayscale_jpegs_that_load_as_rgb(tiny_data):
     assert np.array_equal(img[..., 0], img[..., 1])
 
 
-def test_loader_shapes_labels_and_epoch_length(tiny_data):
-    loaders = build_loaders(str(tiny_data), batch_size=10, seed=0, workers=0, pin_memory=False)
-    assert len(loaders.train) == 10  # ceil(96 / 10): the last short batch is kept, as in the published code
-    batches = list(loaders.train.epoch(0))
-    assert sum(len(y) for _, y in batches) == 96 and len(batches[-1][1]) == 6
+KINDS = ["torch", "cache", "dali"]
+
+
+def loaders(root, kind, batch_size=10, seed=0, workers=0, channels_last=False, **kw):
+    return build_loaders(str(root), batch_size=batch_size, seed=seed, workers=workers, device=torch.device("cpu"),
+                         channels_last=channels_last, kind=kind, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loader_shapes_labels_and_epoch_length(tiny_data, kind):
+    ld = loaders(tiny_data, kind)
+    assert ld.kind == kind and len(ld.train) == 10  # ceil(96 / 10): the short last batch is kept, as published
+    batches = list(ld.train.epoch(0))
+    assert len(batches) == 10 and sum(len(y) for _, y in batches) == 96 and len(batches[-1][1]) == 6
     x, y = batches[0]
-    assert x.shape == (10, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert x.shape == (10, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(scan_train(tiny_data).labels)
-    val = list(loaders.val.epoch(0))
+    val = list(ld.val.epoch(0))
     assert torch.cat([y for _, y in val]).tolist() == scan_val(tiny_data).labels  # val keeps its order
 
 
-def test_loader_is_deterministic_per_seed_and_epoch(tiny_data):
-    def epoch(seed, e, workers):
-        loaders = build_loaders(str(tiny_data), batch_size=16, seed=seed, workers=workers, pin_memory=False)
-        return [(x.clone(), y.clone()) for x, y in loaders.train.epoch(e)]
+def test_all_loaders_give_the_same_batches(tiny_data):
+    """Equal science: the same order, crops, flips and normalization; val and train. The cache equals the
+    torch loader bit for bit; DALI (its own JPEG decoder and arithmetic) within 1/255 of a pixel."""
+    out = {k: loaders(tiny_data, k, batch_size=16) for k in KINDS}
+    tol = 1 / (255 * min(STD)) + 1e-6
+    for split in ("train", "val"):
+        ref = list(getattr(out["torch"], split).epoch(5))
+        for kind in ("cache", "dali"):
+            got = list(getattr(out[kind], split).epoch(5))
+            assert len(got) == len(ref)
+            for (xa, ya), (xb, yb) in zip(ref, got):
+                assert torch.equal(ya, yb)
+                if kind == "cache":
+                    assert torch.equal(xa, xb)
+                else:
+                    assert (xa - xb).abs().max().item() <= tol
 
-    a, b = epoch(0, 3, 0), epoch(0, 3, 2)  # worker count does not change the batches
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_channels_last_output(tiny_data, kind):
+    x, _ = next(iter(loaders(tiny_data, kind, channels_last=True).train.epoch(0)))
+    assert x.shape == (10, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    ref, _ = next(iter(loaders(tiny_data, kind).train.epoch(0)))
+    assert torch.allclose(x, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loader_is_deterministic_and_resumable(tiny_data, kind):
+    """A fresh loader asked for epoch 3 gives what a loader that went through epochs 0-2 gives (resume)."""
+    def batches(ld, e):
+        return [(x.clone(), y.clone()) for x, y in ld.train.epoch(e)]
+
+    walked = loaders(tiny_data, kind, batch_size=16)
+    for e in range(3):
+        batches(walked, e)
+    a, b = batches(walked, 3), batches(loaders(tiny_data, kind, batch_size=16), 3)
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
-    c = epoch(0, 4, 0)
+    c = batches(walked, 4)
     assert not torch.equal(a[0][1], c[0][1]), "a new epoch must reshuffle"
-    d = epoch(1, 3, 0)
+    d = batches(loaders(tiny_data, kind, batch_size=16, seed=1), 3)
     assert not torch.equal(a[0][1], d[0][1]), "another seed must give another order"
 
 
+def test_torch_loader_workers_do_not_change_batches(tiny_data):
+    a = [y for _, y in loaders(tiny_data, "torch", workers=0).train.epoch(2)]
+    b = [y for _, y in loaders(tiny_data, "torch", workers=2).train.epoch(2)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_sharding_covers_the_epoch_once():
+    n, world = 103, 4
+    shards = [epoch_indices(n, 0, 5, rank, world) for rank in range(world)]
+    assert len({len(s) for s in shards}) == 1  # the same number of steps on every rank
+    every = np.concatenate(shards)
+    assert set(every.tolist()) == set(range(n)) and len(every) == 104  # one image repeated to even the shards
+
+
 def test_augmentation_distribution():
-    img = np.arange(1, 1 + 8 * 8 * 3, dtype=np.int64).reshape(8, 8, 3) % 250 + 1  # no zeros inside the image
-    img = img.astype(np.uint8)
-    offsets, flips = [], 0
-    rng = np.random.default_rng(0)
-    for _ in range(4000):
-        out = augment(img, rng)
-        assert out.shape == img.shape
-        flipped = False
-        for dy in range(9):
-            for dx in range(9):
-                padded = np.zeros((16, 16, 3), np.uint8)
-                padded[4:12, 4:12] = img
-                crop = padded[dy:dy + 8, dx:dx + 8]
-                if np.array_equal(out, crop):
-                    found = (dy, dx, False)
-                elif np.array_equal(out, crop[:, ::-1]):
-                    found = (dy, dx, True)
-                else:
-                    continue
-                offsets.append(found[:2])
-                flipped = found[2]
-                break
-            else:
-                continue
-            break
-        flips += flipped
-    assert len(offsets) == 4000  # every output is a zero-padded crop, maybe flipped
+    """Crop offsets uniform over the 9 x 9 padded positions, flips about half, from the shared hash."""
+    dy, dx, flip = crop_flip_params(0, 3, np.arange(81 * 200))
     counts = np.zeros((9, 9))
-    for dy, dx in offsets:
-        counts[dy, dx] += 1
-    assert counts.min() > 0  # all 81 positions occur
-    expected = 4000 / 81
+    np.add.at(counts, (dy, dx), 1)
+    expected = len(dy) / 81
     chi2 = ((counts - expected) ** 2 / expected).sum()
-    assert chi2 < 130  # 80 degrees of freedom: p < 0.001 above ~125
-    assert abs(flips / 4000 - 0.5) < 0.04
+    assert counts.min() > 0 and chi2 < 125  # 80 degrees of freedom: p ~ 0.001 at 125
+    assert abs(flip.mean() - 0.5) < 0.02
+    assert not np.array_equal(dy, crop_flip_params(0, 4, np.arange(81 * 200))[0])  # a new epoch redraws
+
+
+def test_augment_is_a_zero_padded_crop_and_flip():
+    img = (np.arange(8 * 8 * 3).reshape(8, 8, 3) % 250 + 1).astype(np.uint8)
+    padded = np.zeros((16, 16, 3), np.uint8)
+    padded[4:12, 4:12] = img
+    for dy, dx, flip in [(0, 0, 0), (8, 8, 1), (4, 4, 0), (2, 7, 1)]:
+        out = augment(img, dy, dx, flip)
+        crop = padded[dy:dy + 8, dx:dx + 8]
+        assert np.array_equal(out, crop[:, ::-1] if flip else crop)
 
 
 def test_normalize_matches_to_tensor_then_normalize():
@@ -103,6 +141,19 @@ def test_normalize_matches_to_tensor_then_normalize():
     ref = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     out = normalize(x, torch.device("cpu"), channels_last=True)
     assert torch.allclose(out, ref, atol=1e-6) and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_auto_picks_and_says_why(tiny_data):
+    ld = loaders(tiny_data, "auto")
+    assert ld.kind == "cache" and "RAM" in ld.why
+
+
+def test_dali_missing_says_how_to_install(tiny_data, monkeypatch):
+    from seal_fast.data import dali_loader
+
+    monkeypatch.setattr(dali_loader, "dali_available", lambda: False)
+    with pytest.raises(ConfigError, match="pip install nvidia-dali-cuda130"):
+        loaders(tiny_data, "dali")
 
 
 # ---- bad data: each error names the problem ------------------------------------------------------
@@ -131,6 +182,14 @@ def test_val_annotation_naming_a_missing_file(data_copy):
     (data_copy / "val" / "images" / "val_3.JPEG").unlink()
     with pytest.raises(DataError, match=r"val_annotations.txt:4: names val_3.JPEG"):
         scan_val(data_copy)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_corrupt_jpeg_is_named_by_every_loader(data_copy, kind):
+    bad = scan_train(data_copy).files[5]
+    open(bad, "wb").write(b"\xff\xd8 not a jpeg at all")
+    with pytest.raises(DataError, match=bad.split("/")[-1]):
+        list(loaders(data_copy, kind).train.epoch(0))
 
 
 def test_corrupt_jpeg_is_named(data_copy):

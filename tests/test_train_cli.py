@@ -77,16 +77,16 @@ def final_state(out):
     return ckpt["model"], ckpt["optimizer"]["state"], ckpt["next_epoch"]
 
 
-@pytest.mark.parametrize("method", ["seal", "llf"])
-def test_sigkill_then_resume_is_bit_identical(cli, tiny_data, tmp_path, method):
+@pytest.mark.parametrize("method, loader", [("seal", "cache"), ("llf", "torch")])
+def test_sigkill_then_resume_is_bit_identical(cli, tiny_data, tmp_path, method, loader):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
-    res = cli(*small_run(tiny_data, ref_out, method))
+    res = cli(*small_run(tiny_data, ref_out, method, "--loader", loader))
     assert res.returncode == 0, res.stderr
     ref_model, ref_opt, _ = final_state(ref_out)
 
     env = dict(os.environ, PYTHONPATH=ROOT)
     rng = random.Random(method)
-    args = small_run(tiny_data, out, method)
+    args = small_run(tiny_data, out, method, "--loader", loader)
     kills = 0
     for attempt in range(12):
         cmd = [sys.executable, "-m", "seal_fast.train", *map(str, args)]
@@ -187,7 +187,7 @@ def test_val_annotation_naming_a_missing_file(cli, data_copy, tmp_path):
 def test_corrupt_jpeg_in_a_worker_is_named(cli, data_copy, tmp_path):
     bad = scan_train(data_copy).files[7]
     open(bad, "wb").write(b"\xff\xd8garbage")
-    args = small_run(data_copy, tmp_path / "o")
+    args = small_run(data_copy, tmp_path / "o", "seal", "--loader", "torch")
     args[args.index("--workers") + 1] = "1"  # the error crosses a DataLoader worker
     assert_clean_error(cli(*args), os.path.basename(bad), "cannot decode")
 
