@@ -203,3 +203,20 @@ def test_corrupt_jpeg_is_named(data_copy):
     open(trunc, "wb").write(data[: len(data) // 2])
     with pytest.raises(DataError, match="cannot decode"):
         load_rgb(trunc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["cache", "dali"])
+def test_gpu_loaders_match_the_cpu_torch_loader(tiny_data, kind):
+    """On CUDA: the cache (device-side crop/flip/normalize) and DALI (nvJPEG 'mixed' decoding) give the CPU
+    torch loader's batches, within 1/255 of a pixel; the cache exactly."""
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali")
+    ref = loaders(tiny_data, "torch", batch_size=16)
+    got = build_loaders(str(tiny_data), batch_size=16, seed=0, workers=2, device=torch.device("cuda"), kind=kind)
+    tol = 1 / (255 * min(STD)) + 1e-6
+    for split in ("train", "val"):
+        for (xa, ya), (xb, yb) in zip(getattr(ref, split).epoch(2), getattr(got, split).epoch(2)):
+            assert xb.is_cuda and torch.equal(ya, yb.cpu())
+            diff = (xa - xb.cpu()).abs().max().item()
+            assert diff == 0 if kind == "cache" else diff <= tol, diff
