@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from .augment import MEAN, PAD, STD, crop_flip_params, epoch_indices
+from .augment import PAD, crop_flip_params, epoch_indices
 from .layout import Split
-from .torch_loader import load_rgb
+from .torch_loader import _mean_std, load_rgb
 
 
 def decode_all(split: Split, workers: int = 8, progress: bool = False) -> torch.Tensor:
@@ -59,8 +59,7 @@ class CacheLoader:
                             f"{free / 1e9:.1f} GB; use --loader dali or --loader torch")
         self.images = images.to(self.device)
         self.labels = torch.tensor(split.labels, dtype=torch.int64, device=self.device)
-        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
+        self.mean, self.std = _mean_std(self.device)
         h, w = self.images.shape[2:]
         self.rows = torch.arange(h, device=self.device)
         self.cols = torch.arange(w, device=self.device)

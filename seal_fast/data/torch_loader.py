@@ -7,6 +7,8 @@ augment.crop_flip_params, never from worker RNG state.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image
@@ -58,12 +60,17 @@ class EpochSampler(Sampler):
         return iter([(self.epoch, int(i)) for i in idx])
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as [1,3,1,1] tensors on `device`, made once (not per batch)."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
 def normalize(images: torch.Tensor, device: torch.device, channels_last: bool,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [B,3,H,W] -> normalized `dtype` on `device` (ToTensor then Normalize, same arithmetic)."""
     x = images.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    mean, std = _mean_std(torch.device(device))
     x = x.sub_(mean).div_(std).to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
