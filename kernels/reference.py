@@ -54,3 +54,44 @@ def signed_sgd_ref(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: 
         else:
             p.add_(d_p, alpha=-lr)
     return flag
+
+
+def knn_topk_ref(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str = "l2",
+                 exclude: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float64,
+                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.knn.knn_topk by brute force: (dist float32 [Q, k], index int64 [Q, k]), nearest first, equal
+    distances ordered by the lower index (a stable sort), (inf, -1) where fewer than k candidates remain.
+    Distances in `compute_dtype` from the inputs' values, `chunk` queries at a time (chunk x N memory)."""
+    q_all, n = queries.shape[0], support.shape[0]
+    x = support.to(compute_dtype)
+    xn = (x * x).sum(1)
+    dists, idxs = [], []
+    for lo in range(0, q_all, chunk):
+        q = queries[lo:lo + chunk].to(compute_dtype)
+        qn = (q * q).sum(1)
+        dot = q @ x.T
+        if metric == "cosine":
+            d = 1 - dot / (qn.sqrt().clamp_min(1e-8)[:, None] * xn.sqrt().clamp_min(1e-8)[None, :])
+        else:
+            d = qn[:, None] - 2 * dot + xn[None, :]
+        d = d.clamp_min(0).nan_to_num(nan=float("inf"))
+        if exclude is not None:
+            e = exclude[lo:lo + chunk].to(d.device)
+            hit = (e >= 0) & (e < n)
+            d[hit.nonzero().squeeze(1), e[hit]] = float("inf")
+            invalid = torch.zeros_like(d, dtype=torch.bool)
+            invalid[hit.nonzero().squeeze(1), e[hit]] = True
+        d, order = torch.sort(d, dim=1, stable=True)
+        d, order = d[:, :k], order[:, :k]
+        if exclude is not None:
+            order = torch.where(invalid.gather(1, order), -1, order)
+        if metric == "l2":
+            d = d.sqrt()
+        d = d.float()
+        if d.shape[1] < k:  # fewer support points than k
+            pad = k - d.shape[1]
+            d = torch.cat([d, d.new_full((d.shape[0], pad), float("inf"))], 1)
+            order = torch.cat([order, order.new_full((order.shape[0], pad), -1)], 1)
+        dists.append(d.masked_fill(order < 0, float("inf")))
+        idxs.append(order)
+    return torch.cat(dists), torch.cat(idxs)

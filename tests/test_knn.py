@@ -1,0 +1,207 @@
+"""kernels.knn against the brute-force reference: odd shapes, dtypes, ties, self-exclusion, memory, voting."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kernels.knn import MAX_K, knn_predict, knn_topk, vote
+from kernels.reference import knn_topk_ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}  # of distances, on top of 2x torch's error
+
+
+def true_dist(queries, support, idx, metric):
+    """fp64 distance of each returned (query, index) pair, from the inputs' own values."""
+    q, x = queries.double(), support.double()[idx.clamp(min=0)]          # [Q, D], [Q, k, D]
+    if metric == "cosine":
+        cos = (x @ q[:, :, None]).squeeze(2) / (q.norm(dim=1).clamp_min(1e-8)[:, None] * x.norm(dim=2).clamp_min(1e-8))
+        return 1 - cos
+    return (x - q[:, None, :]).pow(2).sum(2).sqrt()
+
+
+def check_against_reference(queries, support, k, metric="l2", exclude=None, **kw):
+    dist, idx = knn_topk(queries, support, k, metric, exclude, **kw)
+    ref_d, ref_i = knn_topk_ref(queries, support, k, metric, exclude)               # fp64
+    torch_d, _ = knn_topk_ref(queries, support, k, metric, exclude, compute_dtype=torch.float32)
+    assert dist.shape == idx.shape == (queries.shape[0], k)
+    assert dist.dtype == torch.float32 and idx.dtype == torch.int64
+    tol = 2 * (torch_d - ref_d).abs().max().item() + ATOL[queries.dtype] * (1 + ref_d.abs().max().item())
+    assert (dist - ref_d).abs().max().item() <= tol
+    # every returned index really is at the distance of its rank (near-ties may swap, nothing else)
+    assert (true_dist(queries, support, idx, metric) - ref_d.double()).abs().max().item() <= tol
+    assert (idx >= 0).all() and (idx < support.shape[0]).all()
+    assert all(len(set(row.tolist())) == k for row in idx)                              # no repeats
+    assert (dist[:, 1:] >= dist[:, :-1]).all()                                          # nearest first
+    return dist, idx
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("q,n,d,k,splits", [(1, 1, 1, 1, None), (17, 129, 45, 5, None), (33, 300, 3, 30, 3),
+                                            (5, 2**6 + 17, 2**7 + 17, 64, 2), (40, 97, 16, 1, 4)])
+def test_topk_matches_reference(dtype, metric, q, n, d, k, splits):
+    g = torch.Generator().manual_seed(q * 1000 + n + d)
+    queries = torch.randn(q, d, generator=g).to(dtype)
+    support = (torch.randn(n, d, generator=g) * 2 + 0.5).to(dtype)
+    check_against_reference(queries, support, k, metric, splits=splits)
+
+
+def test_large_feature_dimension():
+    """D = 65,536 + 17 (a flattened early-layer map): many BLOCK_D steps, a ragged last one."""
+    g = torch.Generator().manual_seed(1)
+    support = torch.randn(24, 2**16 + 17, generator=g).to(torch.bfloat16)
+    queries = (support[:3].float() + 0.3 * torch.randn(3, 2**16 + 17, generator=g)).to(torch.bfloat16)
+    _, idx = check_against_reference(queries, support, 5)
+    assert idx[:, 0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_duplicates_and_equal_distances_are_exact(dtype):
+    """Small integers: every distance is exact in every dtype, so ties are real; they go to the lower index."""
+    g = torch.Generator().manual_seed(2)
+    support = torch.randint(0, 3, (150, 6), generator=g).to(dtype)
+    support[100:] = support[:50]                                     # exact duplicate points
+    queries = torch.randint(0, 3, (21, 6), generator=g).to(dtype)
+    for metric in ("l2",):
+        dist, idx = knn_topk(queries, support, 40, metric, splits=3)
+        ref_d, ref_i = knn_topk_ref(queries, support, 40, metric)
+        assert torch.equal(idx, ref_i)
+        assert torch.equal(dist, ref_d)
+    assert (dist[:, 1:] == dist[:, :-1]).any()                       # the case really has ties
+
+
+def test_exclude_self_when_probing_training_points():
+    g = torch.Generator().manual_seed(3)
+    support = torch.randn(90, 12, generator=g)
+    support[60:70] = support[0:10]                                   # a twin of some points is still a neighbour
+    own = torch.arange(90)
+    dist, idx = check_against_reference(support, support, 8, exclude=own, splits=2)
+    assert not (idx == own[:, None]).any()
+    assert (idx[:10, 0] == torch.arange(60, 70)).all()
+    # the twin's distance is 0 up to the |q|^2 - 2 q.x + |x|^2 cancellation (~1e-6 squared), amplified by sqrt
+    assert (dist[:10, 0] < 3e-3).all()
+    # -1 (or an index outside the support) excludes nothing
+    none = torch.full((90,), -1, dtype=torch.int64)
+    _, idx = knn_topk(support, support, 3, exclude=none)
+    expected = torch.arange(90)
+    expected[60:70] = torch.arange(10)                               # the twin at the lower index wins the tie
+    assert torch.equal(idx[:, 0], expected)
+
+
+def test_pad_returns_missing_neighbours():
+    support = torch.randn(4, 8)
+    dist, idx = knn_topk(support, support, 4, exclude=torch.arange(4), pad=True)
+    assert (idx[:, 3] == -1).all() and torch.isinf(dist[:, 3]).all()
+    assert (idx[:, :3] >= 0).all()
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(24, 160, generator=g)
+    queries = base.T[:, ::2][:50]           # [50, 12] with strides (1, 320)
+    support = torch.randn(100, 24, generator=g).T.contiguous().T   # [100, 24] column-major
+    check_against_reference(queries, support[:, ::2], 6)
+
+
+def test_max_k():
+    g = torch.Generator().manual_seed(5)
+    support = torch.randn(300, 7, generator=g)
+    check_against_reference(support[:9] + 0.1, support, MAX_K)
+
+
+def test_torch_backend_matches_triton():
+    g = torch.Generator().manual_seed(6)
+    queries, support = torch.randn(30, 20, generator=g), torch.randn(200, 20, generator=g)
+    a = knn_topk(queries, support, 10, backend="triton")
+    b = knn_topk(queries, support, 10, backend="torch")
+    assert torch.equal(a[1], b[1])
+    assert torch.allclose(a[0], b[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(k=11), "only 10 points"),
+    (dict(k=0), "between 1 and"),
+    (dict(k=MAX_K + 1), "between 1 and"),
+    (dict(support=torch.randn(10, 5)), "4 features but the support has 5"),
+    (dict(queries=torch.randn(0, 4)), "empty input"),
+    (dict(support=torch.randn(10, 4).half()), "share one dtype"),
+    (dict(metric="dot"), "choose 'l2' or 'cosine'"),
+    (dict(exclude=torch.arange(3)), "exclude must be an int64 tensor of shape [6]"),
+    (dict(queries=torch.randn(6)), "must be 2-D"),
+])
+def test_clear_errors(bad, message):
+    kw = dict(queries=torch.randn(6, 4), support=torch.randn(10, 4), k=3)
+    kw.update(bad)
+    with pytest.raises((ValueError, TypeError), match=message.replace("[", r"\[").replace("]", r"\]")):
+        knn_topk(**kw)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an out-of-place aten op returns (in-place ops such as
+    the interpreter's set_/copy_ of the arguments' own storage allocate nothing and are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.is_mutable:
+            return out
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_never_allocates_query_by_support():
+    q, n = 40, 2000
+    queries, support = torch.randn(q, 8), torch.randn(n, 8)
+    with LargestAllocation() as seen:
+        knn_topk(queries, support, 30, splits=2, backend="triton")
+    assert seen.largest <= q * 2 * 32 < q * n // 10      # keys: Q x splits x next_pow2(k)
+    with LargestAllocation() as control:                 # the check does see a Q x N matrix when one is built
+        knn_topk_ref(queries, support, 30, compute_dtype=torch.float32)
+    assert control.largest >= q * n
+
+
+def test_vote_ties_go_to_the_nearest_tied_class():
+    labels = torch.tensor([[2, 1, 1, 2, 0],      # 1 and 2 tie (2 each): 2 is nearer
+                           [0, 1, 1, 2, 2],      # 1 and 2 tie: 1 is nearer
+                           [3, 3, 0, 0, 0],      # 0 wins outright
+                           [4, -1, -1, -1, -1],  # missing neighbours do not vote
+                           [1, 0, -1, 0, 1]])    # 0 and 1 tie: 1 is nearest
+    assert vote(labels, 5).tolist() == [2, 1, 0, 4, 1]
+
+
+def test_knn_predict_on_clusters():
+    g = torch.Generator().manual_seed(7)
+    centers = torch.randn(5, 16, generator=g) * 10
+    labels = torch.arange(5).repeat_interleave(40)
+    support = centers[labels] + torch.randn(200, 16, generator=g)
+    queries = centers.repeat(3, 1) + torch.randn(15, 16, generator=g)
+    pred = knn_predict(queries, support, labels, k=30, num_classes=5)
+    assert pred.tolist() == list(range(5)) * 3
+    # a wrong label on the nearest neighbours cannot outvote the other 29
+    noisy = labels.clone()
+    noisy[knn_topk(queries[:1], support, 3)[1][0]] = 4
+    assert knn_predict(queries[:1], support, noisy, k=30, num_classes=5).item() == 0
+    with pytest.raises(ValueError, match="labels"):
+        knn_predict(queries, support, labels[:-1], k=3, num_classes=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_reference_and_memory(dtype):
+    g = torch.Generator().manual_seed(8)
+    queries = torch.randn(1000, 2048 + 17, generator=g).to(dtype).cuda()
+    support = torch.randn(20_000, 2048 + 17, generator=g).to(dtype).cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_against_reference(queries[:200], support, 30)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    knn_topk(queries, support, 30)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 0.05 * queries.shape[0] * support.shape[0] * 4
