@@ -22,7 +22,7 @@ from .layout import Split, scan_train, scan_val
 
 LOADERS = ("auto", "torch", "cache", "dali")
 
-__all__ = ["Loaders", "build_loaders", "pick_loader", "LOADERS"]
+__all__ = ["Loaders", "build_loaders", "build_eval_loaders", "pick_loader", "LOADERS"]
 
 
 @dataclass
@@ -82,4 +82,28 @@ def build_loaders(root: str, batch_size: int, seed: int, workers: int, device: t
         from .dali_loader import DaliLoader as cls
     train = cls(train_split, batch_size, True, **common)
     val = cls(val_split, eval_batch_size or batch_size, False, **dict(common, rank=0, world=1))
+    return Loaders(train, val, train_split.classes, kind, why)
+
+
+def build_eval_loaders(root: str, batch_size: int, workers: int, device: torch.device, channels_last: bool = False,
+                       kind: str = "auto", progress: bool = False) -> Loaders:
+    """Both splits without augmentation, in file order (for probes and studies): `train` is the train split
+    as the network sees it at evaluation. kind "dali" is served by the torch loader (same batches)."""
+    if kind not in LOADERS:
+        raise ConfigError(f"--loader {kind!r}: choose one of {', '.join(LOADERS)}")
+    device = torch.device(device)
+    train_split, val_split = scan_train(root), scan_val(root)
+    why = "asked for"
+    if kind == "auto":
+        kind, why = pick_loader(train_split, val_split, device)
+    if kind == "dali":
+        kind, why = "torch", "DALI is not used for evaluation passes; the torch loader gives the same batches"
+    common = dict(seed=0, workers=workers, device=device, channels_last=channels_last)
+    if kind == "cache":
+        from .cache_loader import CacheLoader as cls
+        common["progress"] = progress
+    else:
+        from .torch_loader import TorchLoader as cls
+    train = cls(train_split, batch_size, False, **common)
+    val = cls(val_split, batch_size, False, **common)
     return Loaders(train, val, train_split.classes, kind, why)
