@@ -70,7 +70,7 @@ def append_rows(name: str, rows: list[dict]) -> Path:
     """Append rows to bench/results/<name>.csv (header written once; new columns extend it)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.csv"
-    fields = list(rows[0])
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # every column of every row, first-seen order
     old = []
     if path.exists():
         with open(path) as f:

@@ -1,0 +1,152 @@
+"""k-nearest neighbours, the KNN probe's search: fused kernel vs the torch ways of writing it.
+
+    python bench/bench_knn.py [--q 10000 --n 100000 --d 256 2048 16384 --k 30 --dtypes fp32 bf16 --reps 10]
+
+Cases, each on the same random queries [Q, D] and support [N, D]:
+  fused         kernels.knn.knn_topk (distance on tensor cores + top-k per tile; never Q x N)
+  cdist+topk    torch.cdist then torch.topk, queries in chunks whose Q x N matrix fits --chunk-gb
+  mm+topk       |q|^2 - 2 q.x^T + |x|^2 with torch.mm then torch.topk, same chunks
+  faiss         faiss.knn_gpu (brute force) when faiss is installed
+Reported: median ms (CUDA events via triton.testing.do_bench), achieved TFLOP/s of the distance part
+(2 Q N D flops), that as a share of the device's dense peak for the input dtype (the roofline: bf16
+tensor cores, TF32 for fp32 if enabled, else fp32 FMA), and the peak extra memory of one call.
+Rows go to bench/results/knn.csv.
+
+Without CUDA the Triton kernel would run in the interpreter, which times numpy, not the kernel: the
+fused case is then skipped and only the torch baselines are timed, at reduced default sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.utils import append_rows, environment, print_table, time_us  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# dense peak TFLOP/s (no sparsity) from the vendors' data sheets: bf16/fp16 tensor cores, tf32, fp32 FMA
+PEAKS = {"H100 80GB HBM3": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+         "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+         "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+         "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}}
+
+
+def peak(device_name: str, dtype: str) -> float | None:
+    key = "tf32" if dtype == "fp32" and torch.backends.cuda.matmul.allow_tf32 else dtype
+    for name, peaks in PEAKS.items():
+        if name in device_name:
+            return peaks[key]
+    return None
+
+
+def chunked(queries, support, k, chunk, how):
+    dists, idxs = [], []
+    xn = (support.float() ** 2).sum(1) if how == "mm" else None
+    for lo in range(0, queries.shape[0], chunk):
+        q = queries[lo:lo + chunk]
+        if how == "cdist":
+            d = torch.cdist(q, support)
+        else:
+            d = (q.float() ** 2).sum(1, keepdim=True) - 2 * (q @ support.T).float() + xn[None, :]
+        v, i = torch.topk(d, k, dim=1, largest=False)
+        dists.append(v)
+        idxs.append(i)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def extra_memory(fn) -> float:
+    """Peak bytes allocated by one call beyond what was allocated before it (CUDA only)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak_bytes = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak_bytes
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--q", type=int, default=10_000 if cuda else 500)
+    p.add_argument("--n", type=int, default=100_000 if cuda else 5_000)
+    p.add_argument("--d", type=int, nargs="+", default=[256, 2048, 16384] if cuda else [256, 2048])
+    p.add_argument("--k", type=int, default=30)
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
+    p.add_argument("--chunk-gb", type=float, default=2.0, help="memory for one chunk's Q x N distances (baselines)")
+    p.add_argument("--reps", type=int, default=10, help="timed calls (CPU) / ms of timing (CUDA: x100)")
+    args = p.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    env = environment()
+    try:
+        import faiss  # noqa: F401
+        import faiss.contrib.torch_utils  # noqa: F401
+        have_faiss = cuda
+    except ImportError:
+        have_faiss = False
+    from kernels.knn import knn_topk
+
+    rows = []
+    for d in args.d:
+        for name in args.dtypes:
+            dtype = DTYPES[name]
+            g = torch.Generator(device=device).manual_seed(0)
+            support = torch.randn(args.n, d, generator=g, device=device).to(dtype)
+            queries = torch.randn(args.q, d, generator=g, device=device).to(dtype)
+            chunk = max(1, int(args.chunk_gb * 1e9 // (args.n * 4)))
+            cases = {"cdist+topk": lambda: chunked(queries, support, args.k, chunk, "cdist"),
+                     "mm+topk": lambda: chunked(queries, support, args.k, chunk, "mm")}
+            if cuda:
+                cases = {"fused": lambda: knn_topk(queries, support, args.k), **cases}
+            if have_faiss:
+                import faiss
+
+                res = faiss.StandardGpuResources()
+                cases["faiss"] = lambda: faiss.knn_gpu(res, queries.float(), support.float(), args.k)
+            if name != "fp32" and not cuda:
+                cases.pop("cdist+topk")  # cdist has no bf16/fp16 CPU kernel
+            reference = None
+            for case, fn in cases.items():
+                try:
+                    dist, idx = fn()[:2]
+                except (RuntimeError, torch.OutOfMemoryError) as exc:
+                    rows.append(dict(env, bench="knn", case=case, q=args.q, n=args.n, d=d, k=args.k, dtype=name,
+                                     note=f"failed: {str(exc).splitlines()[0][:120]}"))
+                    continue
+                agree = ""
+                if reference is None:
+                    reference = idx
+                else:  # share of neighbours found by both this case and the first case (near-ties may differ)
+                    agree = float((reference[:, :, None] == idx[:, None, :]).any(2).float().mean())
+                t = time_us(fn, warmup=2 if not cuda else 5, reps=args.reps if not cuda else 100 * args.reps)
+                flops = 2.0 * args.q * args.n * d
+                tflops = flops / (t["median_us"] * 1e-6) / 1e12
+                pk = peak(env["device"], name)
+                rows.append(dict(env, bench="knn", case=case, q=args.q, n=args.n, d=d, k=args.k, dtype=name,
+                                 median_ms=t["median_us"] / 1e3, p20_ms=t["p20_us"] / 1e3, p80_ms=t["p80_us"] / 1e3,
+                                 tflops=tflops, peak_tflops=pk, frac_of_peak=tflops / pk if pk else "",
+                                 extra_mem_gb=extra_memory(fn) / 1e9, chunk=chunk if case != "fused" else "",
+                                 agree_with_first=agree, note="" if cuda else "CPU: baselines only"))
+            del support, queries
+            by_case = {r["case"]: r for r in rows if r.get("d") == d and r.get("dtype") == name and "median_ms" in r}
+            if "fused" in by_case:
+                best = min((r["median_ms"] for c, r in by_case.items() if c in ("cdist+topk", "mm+topk")),
+                           default=None)
+                if best:
+                    by_case["fused"]["speedup_vs_best_torch"] = best / by_case["fused"]["median_ms"]
+    print_table(rows, ["case", "d", "dtype", "median_ms", "tflops", "peak_tflops", "frac_of_peak", "extra_mem_gb",
+                       "speedup_vs_best_torch", "agree_with_first", "note"])
+    path = append_rows("knn", rows)
+    print(f"appended {len(rows)} rows to {path} ({env['device']}, torch {env['torch']}, triton {env['triton']})")
+
+
+if __name__ == "__main__":
+    main()
