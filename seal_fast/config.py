@@ -40,6 +40,7 @@ class Config:
     workers: int = -1               # data-loader worker processes; -1 = pick from the CPU count
     optimizer: str = "signed"       # signed (fused SignedSGD) | torch (torch.optim.SGD); same math
     loader: str = "auto"            # auto | torch | cache | dali; same batches (seal_fast/data/augment.py)
+    cuda_graph: str = "auto"        # auto | on | off: replay the training step as one CUDA graph (CUDA only)
     preset: str = "paper"           # paper | demo: which defaults the values above started from
 
     def to_dict(self) -> dict:
@@ -51,7 +52,7 @@ class Config:
 DEMO_OVERRIDES = dict(generations=2, epochs=4, ascent_epochs=1, warmup=2, preset="demo")
 
 # Keys that may differ between a run and its resume without changing the science.
-RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer", "loader")
+RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer", "loader", "cuda_graph")
 
 
 def make_config(explicit: dict, preset: str) -> Config:
@@ -81,7 +82,7 @@ def validate(cfg: Config) -> None:
     need(cfg.generations >= 1, f"--generations {cfg.generations}: need at least 1 generation")
     need(cfg.epochs >= 1, f"--epochs {cfg.epochs}: need at least 1 epoch per generation")
     need(cfg.ascent_epochs >= 0, f"--ascent-epochs {cfg.ascent_epochs}: cannot be negative")
-    need(cfg.ascent_epochs < cfg.epochs,
+    need(cfg.method != "seal" or cfg.ascent_epochs < cfg.epochs,
          f"--ascent-epochs {cfg.ascent_epochs} >= --epochs {cfg.epochs}: the ascent must end inside the "
          "generation, leaving descent epochs")
     need(cfg.warmup >= 0, f"--warmup {cfg.warmup}: cannot be negative")
@@ -95,6 +96,7 @@ def validate(cfg: Config) -> None:
     need(cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: choose auto, cpu or cuda")
     need(cfg.optimizer in ("signed", "torch"), f"--optimizer {cfg.optimizer!r}: choose signed or torch")
     need(cfg.loader in ("auto", "torch", "cache", "dali"), f"--loader {cfg.loader!r}: choose auto, torch, cache or dali")
+    need(cfg.cuda_graph in ("auto", "on", "off"), f"--cuda-graph {cfg.cuda_graph!r}: choose auto, on or off")
     names = param_names(cfg.arch)
     early, later = split_partitions(names, cfg.threshold)
     need(bool(later), f"--threshold {cfg.threshold!r}: {cfg.arch} has no parameter whose name starts with "

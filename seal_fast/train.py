@@ -3,8 +3,11 @@
 1. command line -> Config (config.py) -> plan (schedule.py)
 2. setup: output folder, device, data, model, optimizer, resume
 3. the optimizer seam: one place builds the optimizer and applies a plan entry to it
-4. one training epoch, evaluation
+4. one training epoch, evaluation (steps graphed on CUDA: capture.py)
 5. the run: plan entry by plan entry, atomic checkpoint after every epoch
+
+Data-parallel on one node: `torchrun --nproc_per_node N -m seal_fast.train ...` (distributed.py): the
+global --batch-size is kept (N ranks x batch/N), BatchNorm is synchronized, rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
+from .capture import GraphedEvalStep, GraphedTrainStep, graph_support
 from .config import DEMO_OVERRIDES, RESUME_FREE_KEYS, Config, make_config, validate
 from .data import LOADERS, build_loaders
 from .data.synthetic import ensure_synthetic
@@ -71,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loader", choices=LOADERS,
       help="auto (default): the fastest available; torch: DataLoader + PIL; cache: decoded once into device "
            "memory; dali: NVIDIA DALI")
+    a("--cuda-graph", choices=("auto", "on", "off"),
+      help="replay each training / evaluation step as one CUDA graph (default auto: on a GPU when the setup allows)")
     a("--optimizer", choices=("signed", "torch"),
       help="signed: the fused SignedSGD (default); torch: torch.optim.SGD as in the published code")
     a("--preset", choices=("paper", "demo"),
@@ -189,22 +195,31 @@ def apply_entry(optimizer, entry: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out: Path, say):
-        self.cfg, self.out, self.say = cfg, out, say
+    def __init__(self, cfg: Config, out: Path, say, dist: distributed.Dist = distributed.Dist()):
+        self.cfg, self.out, self.say, self.dist = cfg, out, say, dist
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-        self.device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{dist.local_rank}" if cuda and dist.world > 1 else "cuda" if cuda else "cpu")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        root = resolve_dataset(cfg, say)
+        root = distributed.broadcast(resolve_dataset(cfg, say) if dist.main else None, dist)  # rank 0 writes it once
         workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
-        self.loaders = build_loaders(root, cfg.batch_size, cfg.seed, workers, self.device, cfg.channels_last,
-                                     kind=cfg.loader, eval_batch_size=max(256, cfg.batch_size), progress=True)
+        self.loaders = build_loaders(root, cfg.batch_size // dist.world, cfg.seed, workers, self.device,
+                                     cfg.channels_last, kind=cfg.loader, eval_batch_size=max(256, cfg.batch_size),
+                                     rank=dist.rank, world=dist.world, progress=dist.main)
         self.data_root = root
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.arch, num_classes=len(self.loaders.classes)).to(self.device)
+        self.model = build_model(cfg.arch, num_classes=len(self.loaders.classes))
+        if dist.world > 1:
+            self.model = distributed.sync_batchnorm(self.model, self.device)
+        self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.net = self.model  # what the training step calls: the model, or its DistributedDataParallel wrapper
+        if dist.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if cuda else None)
         self.plan = build_plan(cfg, [n for n, _ in self.model.named_parameters()])
         self.optimizer = make_optimizer(self.model, self.plan[0], cfg)
         self.amp_dtype = None
@@ -213,6 +228,15 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if bf16_ok else torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.criterion = make_criterion(cfg)
+        ok, self.graph_why = graph_support(self.device, self.optimizer, self.amp_dtype, dist.world)
+        if cfg.cuda_graph == "on" and not ok:
+            raise ConfigError(f"--cuda-graph on: {self.graph_why.split(';')[0]}; use --cuda-graph auto or off")
+        self.graphed = ok and cfg.cuda_graph != "off"
+        if cfg.cuda_graph == "off":
+            self.graph_why = "--cuda-graph off: eager steps"
+        self.train_step = GraphedTrainStep(self.net, self.criterion, self.optimizer, self.amp_dtype, self.graphed,
+                                           scaler=self.scaler)
+        self.eval_step = GraphedEvalStep(self.model, self.criterion, self.amp_dtype, self.graphed)
         self.next_epoch, self.best_val, self.history = 0, None, []
 
     # -- checkpoint ----------------------------------------------------------------------------
@@ -229,79 +253,63 @@ class Trainer:
         self.next_epoch, self.best_val, self.history = ckpt["next_epoch"], ckpt["best_val"], list(ckpt["metrics"])
 
     # -- steps ---------------------------------------------------------------------------------
-    def _forward(self, x, y):
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            logits = self.model(x)
-            loss = self.criterion(logits, y)
-        return logits, loss, y
-
     def train_epoch(self, entry: dict) -> dict:
-        model, opt, loader = self.model, self.optimizer, self.loaders.train
-        model.train()
+        """One epoch. The host reads the device only at the end of the epoch (and when a progress bar on a
+        terminal refreshes): the loss of every step stays in a device buffer until then."""
+        self.net.train()
+        loader = self.loaders.train
         steps = len(loader)
-        losses = torch.zeros(steps, device=self.device)   # per-step loss, read at sync points only
+        losses = torch.zeros(steps, device=self.device)   # per-step loss, read at the end of the epoch
         sizes = torch.zeros(steps, device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        checked = 0
-        bar = tqdm(total=steps, disable=None, leave=False, dynamic_ncols=True, file=sys.stderr,
-                   desc=f"gen {entry['generation']} ep {entry['epoch']} {entry['phase']}")
+        bar = tqdm(total=steps, disable=None if self.dist.main else True, leave=False, dynamic_ncols=True,
+                   file=sys.stderr, desc=f"gen {entry['generation']} ep {entry['epoch']} {entry['phase']}")
         start = time.perf_counter()
-
-        def check(upto: int) -> None:
-            nonlocal checked
-            seen = losses[checked:upto]
-            bad = (~torch.isfinite(seen)).nonzero()
-            if len(bad):
-                step = checked + int(bad[0])
-                raise NonFiniteLossError(self._nonfinite_message(entry, step, steps, float(seen[int(bad[0])])))
-            if bar.disable is False and upto:
-                mean = float((losses[:upto] * sizes[:upto]).sum() / sizes[:upto].sum())
-                rate = float(sizes[:upto].sum()) / (time.perf_counter() - start)
-                bar.set_postfix_str(f"loss {mean:.3f}  {rate:.0f} img/s", refresh=False)
-            checked = upto
-
         for step, (images, labels) in enumerate(loader.epoch(entry["global_epoch"])):
-            logits, loss, y = self._forward(images, labels)
-            opt.zero_grad()
-            self.scaler.scale(loss).backward()
-            self.scaler.step(opt)
-            self.scaler.update()
-            losses[step] = loss.detach().float()
-            sizes[step] = y.shape[0]
-            correct += (logits.detach().argmax(1) == y).sum()
+            loss, right = self.train_step(images, labels)
+            losses[step] = loss
+            sizes[step] = labels.shape[0]
+            correct += right
             bar.update(1)
-            if (step + 1) % 20 == 0:
-                check(step + 1)
-        check(steps)
+            if bar.disable is False and (step + 1) % 50 == 0:  # the only mid-epoch read, and only on a terminal
+                done = sizes[:step + 1].sum()
+                mean = float((losses[:step + 1] * sizes[:step + 1]).sum() / done)
+                bar.set_postfix_str(f"loss {mean:.3f}  {float(done) / (time.perf_counter() - start):.0f} img/s",
+                                    refresh=False)
         bar.close()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if distributed.any_rank(len(bad) > 0, self.dist, self.device):
+            step = int(bad[0]) if len(bad) else None
+            value = float(losses[step]) if step is not None else float("nan")
+            raise NonFiniteLossError(self._nonfinite_message(entry, step, steps, value))
+        totals = distributed.all_sum(torch.stack([(losses * sizes).sum(), sizes.sum(), correct.float()]), self.dist)
         seconds = time.perf_counter() - start
-        n = float(sizes.sum())
-        return {"train_loss": float((losses * sizes).sum() / n), "train_acc": int(correct) / n,
-                "images_per_s": n / seconds, "train_seconds": seconds}
+        loss_sum, n, right = totals.tolist()
+        return {"train_loss": loss_sum / n, "train_acc": right / n, "images_per_s": n / seconds,
+                "train_seconds": seconds}
 
-    def _nonfinite_message(self, entry: dict, step: int, steps: int, value: float) -> str:
+    def _nonfinite_message(self, entry: dict, step: int | None, steps: int, value: float) -> str:
         last = self.out / "last.pt"
         kept = (f"{last} still holds the end of epoch {self.next_epoch - 1} (global)" if last.exists()
                 else "no checkpoint had been written yet")
+        where = f"step {step} of {steps}" if step is not None else "a step of another rank"
         return (f"the training loss became {value} at generation {entry['generation']}, epoch {entry['epoch']} "
-                f"(global epoch {entry['global_epoch']}), step {step} of {steps} ({entry['phase']} phase); "
+                f"(global epoch {entry['global_epoch']}), {where} ({entry['phase']} phase); "
                 f"stopped without saving the diverged weights: {kept}. Lower --lr or check the data, then "
                 "start a new run (or resume with the same settings to retry)")
 
     def evaluate(self) -> tuple[float, float]:
-        model = self.model
-        model.eval()
+        """The whole val split (every rank evaluates all of it: no collective, the same numbers everywhere)."""
+        self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         n = 0
-        with torch.no_grad():
-            for images, labels in self.loaders.val.epoch(0):
-                logits, loss, y = self._forward(images, labels)
-                loss_sum += loss.float() * y.shape[0]
-                correct += (logits.argmax(1) == y).sum()
-                n += y.shape[0]
-        model.train()
+        for images, labels in self.loaders.val.epoch(0):
+            batch_loss, right = self.eval_step(images, labels)
+            loss_sum += batch_loss
+            correct += right
+            n += labels.shape[0]
+        self.model.train()
         return float(loss_sum) / n, int(correct) / n
 
     # -- 5. the run ----------------------------------------------------------------------------
@@ -330,16 +338,19 @@ class Trainer:
             row["seconds"] = time.perf_counter() - t0
             self.history.append(row)
             self.next_epoch = entry["global_epoch"] + 1
-            checkpoint.save(self.state(), self.out / "last.pt")
-            if improved:
-                checkpoint.save({"model": self.model.state_dict(), "config": cfg.to_dict(), "val_acc": self.best_val,
-                                 "global_epoch": entry["global_epoch"]}, self.out / "best.pt")
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            if self.dist.main:  # one writer; every rank holds the same weights
+                checkpoint.save(self.state(), self.out / "last.pt")
+                if improved:
+                    checkpoint.save({"model": self.model.state_dict(), "config": cfg.to_dict(),
+                                     "val_acc": self.best_val, "global_epoch": entry["global_epoch"]},
+                                    self.out / "best.pt")
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if entry["epoch"] == cfg.epochs - 1:
+                    plot_curves(self.history, self.out / "curves.png", title=f"{cfg.method} ({cfg.arch})")
             self.say(epoch_line(row, cfg))
-            if entry["epoch"] == cfg.epochs - 1:
-                plot_curves(self.history, self.out / "curves.png", title=f"{cfg.method} ({cfg.arch})")
-        plot_curves(self.history, self.out / "curves.png", title=f"{cfg.method} ({cfg.arch})")
+        if self.dist.main:
+            plot_curves(self.history, self.out / "curves.png", title=f"{cfg.method} ({cfg.arch})")
 
 
 def make_criterion(cfg: Config):
@@ -373,10 +384,35 @@ def run(argv: list[str] | None = None) -> int:
         print_plan(cfg)
         return 0
     cfg, ckpt = resolve_resume(args, cfg, explicit)
+    dist = distributed.init(cfg.device)
+    try:
+        return train(cfg, ckpt, dist)
+    finally:
+        distributed.shutdown()
 
+
+def setup_out(cfg: Config, resuming: bool, dist: distributed.Dist) -> Path:
+    """Rank 0 checks and creates the output folder; every rank gets its path (or its error)."""
+    out, error = None, None
+    if dist.main:
+        try:
+            out = prepare_out(cfg, resuming)
+        except ConfigError as exc:
+            error = str(exc)
+    out, error = distributed.broadcast((out, error), dist)
+    if error:
+        raise ConfigError(error)
+    return out
+
+
+def train(cfg: Config, ckpt: dict | None, dist: distributed.Dist) -> int:
     def say(msg: str) -> None:
-        print(msg, flush=True)
+        if dist.main:
+            print(msg, flush=True)
 
+    if cfg.batch_size % dist.world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {dist.world} processes; the global batch "
+                          f"is kept, so choose a multiple of {dist.world} (or another --nproc_per_node)")
     if cfg.data is None:
         say("seal-fast: no --data given, so this trains on the built-in synthetic dataset (10 classes of coloured "
             "shapes, 64x64, in the Tiny-ImageNet layout)")
@@ -384,21 +420,25 @@ def run(argv: list[str] | None = None) -> int:
             say(f"demo schedule: {cfg.generations} generations x {cfg.epochs} epochs ({cfg.ascent_epochs} ascent "
                 f"epoch(s) at the start of every generation after the first, for SEAL), about 3 minutes on a 2-core CPU; "
                 "pass --data /path/to/tiny-imagenet-200 for the paper's recipe")
-    out = prepare_out(cfg, resuming=ckpt is not None)
+    out = setup_out(cfg, ckpt is not None, dist)
     cfg = dataclasses.replace(cfg, out=str(out))
-    trainer = Trainer(cfg, out, say)
+    trainer = Trainer(cfg, out, say, dist)
     if ckpt is not None:
         trainer.load(ckpt)
-        rewrite_metrics(out, trainer.history)
+        if dist.main:
+            rewrite_metrics(out, trainer.history)
         say(f"resumed {out} at global epoch {trainer.next_epoch} of {len(trainer.plan)}")
-    else:
+    elif dist.main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / "metrics.jsonl").write_text("")
     say(describe(cfg, trainer.plan))
     say(f"loader {trainer.loaders.kind} ({trainer.loaders.why})")
+    par = f", {dist.world} processes x {cfg.batch_size // dist.world} images (DDP, synchronized BN)" \
+        if dist.world > 1 else ""
     say(f"device {trainer.device.type}, amp {trainer.amp_dtype or 'off'}, channels-last {cfg.channels_last}, "
-        f"{trainer.loaders.train.num_images} train / {trainer.loaders.val.num_images} val images from "
-        f"{trainer.data_root}, {len(trainer.loaders.train)} steps per epoch; writing to {out}")
+        f"{trainer.graph_why}{par}; {len(trainer.loaders.train)} steps per epoch over "
+        f"{trainer.loaders.train.num_images * dist.world} train / {trainer.loaders.val.num_images} val images from "
+        f"{trainer.data_root}; writing to {out}")
     trainer.run()
     best = trainer.best_val
     say(f"done: best val top-1 {100 * best:.2f}%" if best is not None else "done")
