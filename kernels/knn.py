@@ -169,9 +169,9 @@ def knn_topk(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str =
     per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
     splits = triton.cdiv(n, per_split)
     keys = torch.empty(splits, q, kp, dtype=torch.int64, device=queries.device)
-    precision = "tf32" if queries.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    if queries.dtype != torch.float32:
-        precision = "ieee"  # unused for 16-bit inputs, which always run on tensor cores
+    precision = None  # 16-bit inputs: tensor cores (Triton's default); fp32: exact unless torch allows TF32
+    if queries.dtype == torch.float32:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     excl = exclude if exclude is not None else keys  # any pointer; not read without EXCLUDE
     _knn_kernel[(q_blocks, splits)](
         queries, support, excl, keys, q, n, d, per_split, queries.stride(0), queries.stride(1),
