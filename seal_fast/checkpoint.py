@@ -62,3 +62,40 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def snapshot(obj):
+    """A copy of `obj` that later in-place training cannot change: tensors copied to the CPU, containers rebuilt."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class BackgroundSaver:
+    """`save()` snapshots the state to the CPU at once and writes it (atomically, as `save` does) on a thread,
+    behind the next epoch's training. Writes happen in order, one at a time; a new save first waits for the
+    previous one, and a failed write raises at the next `save()` or `wait()`. A kill at any moment still leaves
+    each file whole: the old one or the new one."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = []
+
+    def save(self, obj: dict, path: str | os.PathLike) -> None:
+        self.wait()
+        self._pending.append(self._pool.submit(save, snapshot(obj), path))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            try:
+                f.result()
+            except OSError as exc:
+                raise SealError(f"could not write a checkpoint ({exc.strerror or exc}: {exc.filename or ''}); "
+                                "free some disk space or choose another --out, then resume") from None

@@ -289,6 +289,8 @@ class Trainer:
                 "train_seconds": seconds}
 
     def _nonfinite_message(self, entry: dict, step: int | None, steps: int, value: float) -> str:
+        if getattr(self, "saver", None) is not None:
+            self.saver.wait()  # the previous epoch's checkpoint, still being written
         last = self.out / "last.pt"
         kept = (f"{last} still holds the end of epoch {self.next_epoch - 1} (global)" if last.exists()
                 else "no checkpoint had been written yet")
@@ -314,6 +316,13 @@ class Trainer:
 
     # -- 5. the run ----------------------------------------------------------------------------
     def run(self) -> None:
+        self.saver = checkpoint.BackgroundSaver()
+        try:
+            self._run()
+        finally:
+            self.saver.wait()  # every checkpoint on disk before returning or reporting an error
+
+    def _run(self) -> None:
         cfg, plan = self.cfg, self.plan
         if self.next_epoch >= len(plan):
             self.say(f"this run is already complete ({len(plan)} epochs); nothing to train")
@@ -339,9 +348,9 @@ class Trainer:
             self.history.append(row)
             self.next_epoch = entry["global_epoch"] + 1
             if self.dist.main:  # one writer; every rank holds the same weights
-                checkpoint.save(self.state(), self.out / "last.pt")
+                self.saver.save(self.state(), self.out / "last.pt")  # written behind the next epoch
                 if improved:
-                    checkpoint.save({"model": self.model.state_dict(), "config": cfg.to_dict(),
+                    self.saver.save({"model": self.model.state_dict(), "config": cfg.to_dict(),
                                      "val_acc": self.best_val, "global_epoch": entry["global_epoch"]},
                                     self.out / "best.pt")
                 with open(self.out / "metrics.jsonl", "a") as f:
