@@ -176,6 +176,7 @@ class Study:
         self.metric, self.amp, self.budget, self.say = metric, amp, budget, say
         self.num_classes = len(loaders.classes)
         self.support_labels = None
+        self._nonfinite: dict[str, torch.Tensor] = {}
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -186,13 +187,20 @@ class Study:
                     file=sys.stderr)
 
     def _forward(self, model, x, wanted):
+        """Embeddings of a batch; non-finite values are flagged on the device (read once per pass, not per batch)."""
         with self._autocast():
             feats = forward_probes(model, x, wanted, self.pooled)
         for name, t in feats.items():
-            if not torch.isfinite(t).all():
-                raise DataError(f"the {name} embeddings hold NaN or inf values: the checkpoint has diverged weights; "
-                                "probe an earlier checkpoint")
+            bad = (~torch.isfinite(t)).any()
+            self._nonfinite[name] = self._nonfinite[name] | bad if name in self._nonfinite else bad
         return feats
+
+    def _check_finite(self) -> None:
+        bad = [name for name, flag in self._nonfinite.items() if bool(flag)]
+        self._nonfinite = {}
+        if bad:
+            raise DataError(f"the {', '.join(bad)} embeddings hold NaN or inf values: the checkpoint has diverged "
+                            "weights; probe an earlier checkpoint")
 
     def run(self, path: str, model, label: str) -> Result:
         t0 = time.perf_counter()
@@ -217,6 +225,7 @@ class Study:
             final.append(self._forward(model, x, {"output"})["output"].argmax(1))
             labels.append(y)
         final_pred, labels_q = torch.cat(final), torch.cat(labels)
+        self._check_finite()
 
         preds = {}
         for j, job in enumerate(jobs):
@@ -281,6 +290,7 @@ class Study:
                 if state["fill"] == job.chunk:
                     flush()
         flush()
+        self._check_finite()
         if self.support_labels is None:
             self.support_labels = torch.cat(labels)
         out = []

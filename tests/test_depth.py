@@ -153,3 +153,15 @@ def test_cli_refuses_wrong_dataset_and_non_checkpoints(trained, tmp_path):
                               "--workers", "0", "--out", str(tmp_path / "d")], cwd=ROOT, capture_output=True,
                              text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
         assert res.returncode == 2 and "Traceback" not in res.stderr and words in res.stderr, res.stderr[-2000:]
+
+
+def test_diverged_checkpoint_is_refused_by_name(trained, tiny_data):
+    model, _, label = load_model(str(trained / "last.pt"), torch.device("cpu"), channels_last=False)
+    with torch.no_grad():
+        model.layer3[0].conv1.weight.fill_(float("nan"))
+    loaders = build_eval_loaders(str(tiny_data), 32, 0, torch.device("cpu"), kind="torch")
+    study = Study(loaders, torch.device("cpu"), 5, True, "val", "l2", False, 10**9, say=lambda m: None)
+    from seal_fast.errors import DataError
+
+    with pytest.raises(DataError, match="output embeddings hold NaN"):
+        study.run("last.pt", model, label)
