@@ -135,7 +135,7 @@ def main() -> None:
                                  tflops=tflops, peak_tflops=pk, frac_of_peak=tflops / pk if pk else "",
                                  extra_mem_gb=extra_memory(fn) / 1e9, chunk=chunk if case != "fused" else "",
                                  agree_with_first=agree, note="" if cuda else "CPU: baselines only"))
-            del support, queries
+            support = queries = cases = None  # free the inputs before the next size (the lambdas hold them)
             by_case = {r["case"]: r for r in rows if r.get("d") == d and r.get("dtype") == name and "median_ms" in r}
             if "fused" in by_case:
                 best = min((r["median_ms"] for c, r in by_case.items() if c in ("cdist+topk", "mm+topk")),

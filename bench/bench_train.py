@@ -23,7 +23,6 @@ code runs there, nothing about a GPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from kernels.knn import knn_topk, vote
 
 from . import checkpoint
-from .errors import ConfigError, DataError, SealError
+from .errors import ConfigError, DataError, cli_main
 
 # ----------------------------------------------------------------------------------------------
 # Probes on the model
@@ -441,14 +441,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(argv)
-    except SealError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return cli_main(run, argv, "interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from .capture import GraphedEvalStep, GraphedTrainStep, graph_support
 from .config import DEMO_OVERRIDES, RESUME_FREE_KEYS, Config, make_config, validate
 from .data import LOADERS, build_loaders
 from .data.synthetic import ensure_synthetic
-from .errors import ConfigError, NonFiniteLossError, SealError
+from .errors import ConfigError, NonFiniteLossError, cli_main
 from .models import build_model, reinit_in_place
 from .optim import SignedSGD
 from .plots import plot_curves
@@ -455,26 +455,8 @@ def train(cfg: Config, ckpt: dict | None, dist: distributed.Dist) -> int:
     return 0
 
 
-def _message(exc: BaseException) -> str:
-    """One clear line, also for errors re-raised from a DataLoader worker (which embed a traceback)."""
-    text = str(exc)
-    if "Original Traceback" in text:
-        last = [line for line in text.strip().splitlines() if line.strip()][-1]
-        text = last.split("Error: ", 1)[1] if "Error: " in last else last
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(argv)
-    except SealError as exc:
-        print(f"error: {_message(exc)}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; the last finished epoch is in last.pt: continue with --resume DIR", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    return cli_main(run, argv, "interrupted; the last finished epoch is in last.pt: continue with --resume DIR")
 
 
 if __name__ == "__main__":

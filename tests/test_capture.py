@@ -6,6 +6,7 @@ import torch
 
 from seal_fast.capture import GraphedEvalStep, GraphedTrainStep, graph_support
 from seal_fast.config import Config
+from seal_fast.errors import ConfigError
 from seal_fast.models import build_model, llf_names, reinit_in_place
 from seal_fast.optim import SignedSGD
 from seal_fast.train import Trainer, apply_entry, make_criterion
@@ -31,7 +32,7 @@ def test_cpu_trainer_falls_back_to_eager_steps(tiny_data, tmp_path):
     apply_entry(tr.optimizer, tr.plan[0])
     row = tr.train_epoch(tr.plan[0])
     assert row["train_loss"] > 0 and tr.train_step.replays == 0
-    with pytest.raises(Exception, match="--cuda-graph on: CUDA graphs need a CUDA device"):
+    with pytest.raises(ConfigError, match="--cuda-graph on: CUDA graphs need a CUDA device"):
         Trainer(Config(**dict(cfg.to_dict(), cuda_graph="on")), tmp_path, say=lambda m: None)
 
 

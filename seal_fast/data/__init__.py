@@ -62,24 +62,36 @@ def pick_loader(train: Split, val: Split, device: torch.device) -> tuple[str, st
     return "torch", "no GPU and not enough free RAM for the cache"
 
 
+def _choose(root: str, kind: str, device: torch.device) -> tuple[Split, Split, str, str]:
+    """(train split, val split, loader kind, why) for --loader `kind`."""
+    if kind not in LOADERS:
+        raise ConfigError(f"--loader {kind!r}: choose one of {', '.join(LOADERS)}")
+    train_split, val_split = scan_train(root), scan_val(root)
+    if kind == "auto":
+        return (train_split, val_split, *pick_loader(train_split, val_split, device))
+    return train_split, val_split, kind, "asked for"
+
+
+def _loader_class(kind: str):
+    if kind == "torch":
+        from .torch_loader import TorchLoader
+        return TorchLoader
+    if kind == "cache":
+        from .cache_loader import CacheLoader
+        return CacheLoader
+    from .dali_loader import DaliLoader
+    return DaliLoader
+
+
 def build_loaders(root: str, batch_size: int, seed: int, workers: int, device: torch.device,
                   channels_last: bool = False, kind: str = "auto", eval_batch_size: int | None = None,
                   rank: int = 0, world: int = 1, progress: bool = False) -> Loaders:
-    if kind not in LOADERS:
-        raise ConfigError(f"--loader {kind!r}: choose one of {', '.join(LOADERS)}")
     device = torch.device(device)
-    train_split, val_split = scan_train(root), scan_val(root)
-    why = "asked for"
-    if kind == "auto":
-        kind, why = pick_loader(train_split, val_split, device)
+    train_split, val_split, kind, why = _choose(root, kind, device)
     common = dict(seed=seed, workers=workers, device=device, channels_last=channels_last, rank=rank, world=world)
-    if kind == "torch":
-        from .torch_loader import TorchLoader as cls
-    elif kind == "cache":
-        from .cache_loader import CacheLoader as cls
+    if kind == "cache":
         common["progress"] = progress
-    else:
-        from .dali_loader import DaliLoader as cls
+    cls = _loader_class(kind)
     train = cls(train_split, batch_size, True, **common)
     val = cls(val_split, eval_batch_size or batch_size, False, **dict(common, rank=0, world=1))
     return Loaders(train, val, train_split.classes, kind, why)
@@ -89,21 +101,13 @@ def build_eval_loaders(root: str, batch_size: int, workers: int, device: torch.d
                        kind: str = "auto", progress: bool = False) -> Loaders:
     """Both splits without augmentation, in file order (for probes and studies): `train` is the train split
     as the network sees it at evaluation. kind "dali" is served by the torch loader (same batches)."""
-    if kind not in LOADERS:
-        raise ConfigError(f"--loader {kind!r}: choose one of {', '.join(LOADERS)}")
     device = torch.device(device)
-    train_split, val_split = scan_train(root), scan_val(root)
-    why = "asked for"
-    if kind == "auto":
-        kind, why = pick_loader(train_split, val_split, device)
+    train_split, val_split, kind, why = _choose(root, kind, device)
     if kind == "dali":
         kind, why = "torch", "DALI is not used for evaluation passes; the torch loader gives the same batches"
     common = dict(seed=0, workers=workers, device=device, channels_last=channels_last)
     if kind == "cache":
-        from .cache_loader import CacheLoader as cls
         common["progress"] = progress
-    else:
-        from .torch_loader import TorchLoader as cls
-    train = cls(train_split, batch_size, False, **common)
-    val = cls(val_split, batch_size, False, **common)
-    return Loaders(train, val, train_split.classes, kind, why)
+    cls = _loader_class(kind)
+    return Loaders(cls(train_split, batch_size, False, **common), cls(val_split, batch_size, False, **common),
+                   train_split.classes, kind, why)
