@@ -36,6 +36,7 @@ from kernels.knn import knn_topk, vote
 
 from . import checkpoint
 from .errors import ConfigError, DataError, cli_main
+from .precision import amp_dtype
 
 # ----------------------------------------------------------------------------------------------
 # Probes on the model
@@ -399,6 +400,11 @@ def run(argv: list[str] | None = None) -> int:
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     amp = args.amp if args.amp is not None else device.type == "cuda"
+    if amp and device.type == "cpu":  # bf16 on a CPU only where it is native (precision.py)
+        dtype, why = amp_dtype(device, True)
+        if dtype is None:
+            amp = False
+            say(why)
     for path in args.checkpoint:
         if not Path(path).is_file():
             raise ConfigError(f"--checkpoint {path}: no such file (a training run writes last.pt and best.pt)")

@@ -32,6 +32,7 @@ from .data.synthetic import ensure_synthetic
 from .errors import ConfigError, NonFiniteLossError, cli_main
 from .models import build_model, reinit_in_place
 from .optim import SignedSGD
+from .precision import amp_dtype
 from .plots import plot_curves
 from .schedule import build_plan, describe
 
@@ -68,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, help=f"images per step (default {d.batch_size})")
     a("--label-smoothing", type=float, help=f"cross-entropy label smoothing (default {d.label_smoothing})")
     a("--eval-every", type=int, help=f"validate every N epochs (default {d.eval_every})")
-    a("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (fp16 + loss scaling without bf16)")
+    a("--amp", action=argparse.BooleanOptionalAction,
+      help="bf16 autocast on a GPU (fp16 + loss scaling where it lacks bf16) or on a CPU with native bf16 "
+           "(AVX512_BF16 / AMX / Arm BF16); other CPUs run fp32 and say so")
     a("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
     a("--device", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
     a("--workers", type=int, help="data-loader worker processes (default: from the CPU count)")
@@ -194,13 +197,18 @@ def apply_entry(optimizer, entry: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def pick_device(cfg: Config, dist: distributed.Dist) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+    return torch.device(f"cuda:{dist.local_rank}" if cuda and dist.world > 1 else "cuda" if cuda else "cpu")
+
+
 class Trainer:
     def __init__(self, cfg: Config, out: Path, say, dist: distributed.Dist = distributed.Dist()):
         self.cfg, self.out, self.say, self.dist = cfg, out, say, dist
-        if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-        cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{dist.local_rank}" if cuda and dist.world > 1 else "cuda" if cuda else "cpu")
+        self.device = pick_device(cfg, dist)
+        cuda = self.device.type == "cuda"
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         root = distributed.broadcast(resolve_dataset(cfg, say) if dist.main else None, dist)  # rank 0 writes it once
@@ -222,10 +230,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if cuda else None)
         self.plan = build_plan(cfg, [n for n, _ in self.model.named_parameters()])
         self.optimizer = make_optimizer(self.model, self.plan[0], cfg)
-        self.amp_dtype = None
-        if cfg.amp:
-            bf16_ok = self.device.type == "cpu" or torch.cuda.is_bf16_supported()
-            self.amp_dtype = torch.bfloat16 if bf16_ok else torch.float16
+        self.amp_dtype, self.amp_why = amp_dtype(self.device, cfg.amp)  # bf16 on a CPU only where it is native
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.criterion = make_criterion(cfg)
         ok, self.graph_why = graph_support(self.device, self.optimizer, self.amp_dtype, dist.world)
@@ -427,8 +432,10 @@ def train(cfg: Config, ckpt: dict | None, dist: distributed.Dist) -> int:
             "shapes, 64x64, in the Tiny-ImageNet layout)")
         if cfg.preset == "demo":
             say(f"demo schedule: {cfg.generations} generations x {cfg.epochs} epochs ({cfg.ascent_epochs} ascent "
-                f"epoch(s) at the start of every generation after the first, for SEAL), about 3 minutes on a 2-core CPU; "
+                f"epoch(s) at the start of every generation after the first, for SEAL), about 4 minutes on a 2-core CPU; "
                 "pass --data /path/to/tiny-imagenet-200 for the paper's recipe")
+    if cfg.amp:  # in the first lines: on a CPU without native bf16, --amp runs fp32
+        say(amp_dtype(pick_device(cfg, dist), True)[1])
     out = setup_out(cfg, ckpt is not None, dist)
     cfg = dataclasses.replace(cfg, out=str(out))
     trainer = Trainer(cfg, out, say, dist)
@@ -444,7 +451,8 @@ def train(cfg: Config, ckpt: dict | None, dist: distributed.Dist) -> int:
     say(f"loader {trainer.loaders.kind} ({trainer.loaders.why})")
     par = f", {dist.world} processes x {cfg.batch_size // dist.world} images (DDP, synchronized BN)" \
         if dist.world > 1 else ""
-    say(f"device {trainer.device.type}, amp {trainer.amp_dtype or 'off'}, channels-last {cfg.channels_last}, "
+    precision = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"
+    say(f"device {trainer.device.type}, {precision}, channels-last {cfg.channels_last}, "
         f"{trainer.graph_why}{par}; {len(trainer.loaders.train)} steps per epoch over "
         f"{trainer.loaders.train.num_images * dist.world} train / {trainer.loaders.val.num_images} val images from "
         f"{trainer.data_root}; writing to {out}")

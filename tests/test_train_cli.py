@@ -56,12 +56,14 @@ def test_run_writes_config_metrics_checkpoint_and_plot(cli, tiny_data, tmp_path)
 
 
 def test_demo_command_end_to_end(cli, tmp_path):
-    """The README's demo (no --data: built-in synthetic set), on a tiny schedule and a small model."""
+    """The README's demo (no --data: built-in synthetic set), on a tiny schedule and a small model. `--amp` is
+    bf16 only on a CPU with native bf16, fp32 elsewhere (tests/test_precision.py forces both branches)."""
     out = tmp_path / "demo"
     res = cli("--amp", "--channels-last", "--arch", "resnet10", "--epochs", "3", "--warmup", "1", "--out", out)
     assert res.returncode == 0, res.stderr[-3000:]
     first = res.stdout.splitlines()[:2]
     assert "built-in synthetic dataset" in first[0] and "demo schedule: 2 generations x 3 epochs" in first[1]
+    assert res.stdout.splitlines()[2].startswith("amp: "), res.stdout[:1000]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and [r["phase"] for r in rows].count("ascent") == 1
     best = rows[-1]["best_val"]
