@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Where rows are appended: bench/results/, or $SEAL_FAST_BENCH_RESULTS (gpu_check.py --smoke and the tests use a
+# scratch folder so that trial rows never land in the committed CSVs).
+RESULTS = Path(os.environ.get("SEAL_FAST_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def environment() -> dict:
@@ -29,8 +31,9 @@ def environment() -> dict:
         if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                           cwd=Path(__file__).parent).stdout.strip():
             commit += "+dirty"
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - e.g. the device machine's copy of the tree has no .git
         commit = "unknown"
+    commit = os.environ.get("SEAL_FAST_COMMIT") or commit  # gpu_check: the hash the caller ran
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "commit": commit,
