@@ -154,19 +154,14 @@ class Result:
 def load_model(path: str, device: torch.device, channels_last: bool):
     from .models import build_model
 
-    ckpt = checkpoint.load(path)
-    if "model" not in ckpt or "config" not in ckpt:
-        raise DataError(f"{path}: not a seal_fast checkpoint (no model / config); pass a last.pt or best.pt "
-                        "written by python -m seal_fast.train")
-    cfg = ckpt["config"]
-    state = ckpt["model"]
-    model = build_model(cfg.get("arch", "resnet50"), num_classes=state["fc.weight"].shape[0])
-    model.load_state_dict(state)
+    ckpt = checkpoint.read(path)
+    cfg = ckpt.config
+    model = build_model(cfg.get("arch", "resnet50"), num_classes=ckpt.model["fc.weight"].shape[0])
+    model.load_state_dict(ckpt.model)
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    epoch = ckpt.get("next_epoch", (ckpt.get("global_epoch", -1) + 1))
-    label = f"{cfg.get('method', '?')} @ epoch {epoch} ({Path(path).parent.name}/{Path(path).name})"
+    label = f"{cfg.get('method', '?')} @ epoch {ckpt.next_epoch} ({Path(path).parent.name}/{Path(path).name})"
     return model, cfg, label
 
 

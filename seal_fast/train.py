@@ -127,7 +127,7 @@ def prepare_out(cfg: Config, resuming: bool) -> Path:
     return out
 
 
-def resolve_resume(args, cfg: Config, explicit: dict) -> tuple[Config, dict | None]:
+def resolve_resume(args, cfg: Config, explicit: dict) -> tuple[Config, checkpoint.RunState | None]:
     """With --resume: the saved config (flags given now must agree with it) and the checkpoint."""
     resume = getattr(args, "resume", None)
     if resume is None:
@@ -135,8 +135,8 @@ def resolve_resume(args, cfg: Config, explicit: dict) -> tuple[Config, dict | No
     folder = resume if isinstance(resume, str) else explicit.get("out")
     if not folder:
         raise ConfigError("--resume: name the run folder (--resume DIR, or --resume with --out DIR)")
-    ckpt = checkpoint.load(Path(folder) / "last.pt")
-    saved = dict(ckpt["config"])
+    ckpt = checkpoint.read(Path(folder) / "last.pt", resumable=True)
+    saved = dict(ckpt.config)
     differ = [f"{k}: run has {saved.get(k)!r}, command line says {v!r}" for k, v in explicit.items()
               if k not in RESUME_FREE_KEYS and saved.get(k) != v]
     if differ:
@@ -245,17 +245,19 @@ class Trainer:
         self.next_epoch, self.best_val, self.history = 0, None, []
 
     # -- checkpoint ----------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"version": 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "next_epoch": self.next_epoch, "rng": checkpoint.rng_state(),
-                "config": self.cfg.to_dict(), "best_val": self.best_val, "metrics": self.history}
+    def state(self) -> checkpoint.RunState:
+        return checkpoint.RunState(model=self.model.state_dict(), config=self.cfg.to_dict(),
+                                   next_epoch=self.next_epoch, optimizer=self.optimizer.state_dict(),
+                                   scaler=self.scaler.state_dict(), rng=checkpoint.rng_state(),
+                                   best_val=self.best_val, metrics=self.history)
 
-    def load(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"])
-        self.next_epoch, self.best_val, self.history = ckpt["next_epoch"], ckpt["best_val"], list(ckpt["metrics"])
+    def load(self, ckpt: checkpoint.RunState) -> None:
+        self.model.load_state_dict(ckpt.model)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        if ckpt.scaler is not None:
+            self.scaler.load_state_dict(ckpt.scaler)
+        checkpoint.set_rng_state(ckpt.rng)
+        self.next_epoch, self.best_val, self.history = ckpt.next_epoch, ckpt.best_val, list(ckpt.metrics)
 
     # -- steps ---------------------------------------------------------------------------------
     def train_epoch(self, entry: dict) -> dict:
@@ -353,11 +355,11 @@ class Trainer:
             self.history.append(row)
             self.next_epoch = entry["global_epoch"] + 1
             if self.dist.main:  # one writer; every rank holds the same weights
-                self.saver.save(self.state(), self.out / "last.pt")  # written behind the next epoch
+                checkpoint.write_last(self.state(), self.out, self.saver)  # written behind the next epoch
                 if improved:
-                    self.saver.save({"model": self.model.state_dict(), "config": cfg.to_dict(),
-                                     "val_acc": self.best_val, "global_epoch": entry["global_epoch"]},
-                                    self.out / "best.pt")
+                    checkpoint.write_best(checkpoint.RunState(model=self.model.state_dict(), config=cfg.to_dict(),
+                                                              next_epoch=self.next_epoch, kind="best",
+                                                              val_acc=self.best_val), self.out, self.saver)
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if entry["epoch"] == cfg.epochs - 1:
@@ -419,7 +421,7 @@ def setup_out(cfg: Config, resuming: bool, dist: distributed.Dist) -> Path:
     return out
 
 
-def train(cfg: Config, ckpt: dict | None, dist: distributed.Dist) -> int:
+def train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist) -> int:
     def say(msg: str) -> None:
         if dist.main:
             print(msg, flush=True)
