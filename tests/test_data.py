@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from seal_fast.data import build_loaders
-from seal_fast.data.augment import MEAN, STD, augment, crop_flip_params, epoch_indices
+from seal_fast.data.augment import augment, crop_flip_params, epoch_indices
+from seal_fast.data.images import MEAN, STD, load_rgb, normalize
 from seal_fast.data.layout import scan_train, scan_val
-from seal_fast.data.torch_loader import load_rgb, normalize
 from seal_fast.errors import ConfigError, DataError
 
 

@@ -1,7 +1,7 @@
 """The recipe's augmentation and epoch order, shared by every loader so that all of them do the same science.
 
 Train: zero-pad 4, random crop back to the image size (offsets uniform over the 9 x 9 positions),
-random horizontal flip (p = 1/2); then ImageNet mean/std normalization (train and val).
+random horizontal flip (p = 1/2); then ImageNet mean/std normalization (train and val: images.py).
 The random choices for image i in epoch e come from a counter-based hash of (seed, e, i): no RNG
 state, so any loader, any worker count, any batch size and any resume point see the same choices.
 The order of an epoch is a permutation fixed by (seed, e), sharded by rank for data-parallel runs.
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 PAD = 4
 POSITIONS = 2 * PAD + 1  # 9 crop offsets per axis
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from .augment import PAD, crop_flip_params, epoch_indices
+from .images import load_rgb, normalize
 from .layout import Split
-from .torch_loader import _mean_std, load_rgb
 
 
 def decode_all(split: Split, workers: int = 8, progress: bool = False) -> torch.Tensor:
@@ -59,7 +59,6 @@ class CacheLoader:
                             f"{free / 1e9:.1f} GB; use --loader dali or --loader torch")
         self.images = images.to(self.device)
         self.labels = torch.tensor(split.labels, dtype=torch.int64, device=self.device)
-        self.mean, self.std = _mean_std(self.device)
         h, w = self.images.shape[2:]
         self.rows = torch.arange(h, device=self.device)
         self.cols = torch.arange(w, device=self.device)
@@ -81,7 +80,7 @@ class CacheLoader:
             x = self.images[b]
             if self.train:
                 x = self._crop_flip(x, dy[start:start + len(b)], dx[start:start + len(b)], flip[start:start + len(b)])
-            yield self._normalize(x), self.labels[b]
+            yield normalize(x, self.device, self.channels_last), self.labels[b]
 
     def _crop_flip(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         bsz, c, h, w = x.shape
@@ -91,7 +90,3 @@ class CacheLoader:
         cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)  # a flip reads the columns backwards
         x = padded.gather(2, rows[:, None, :, None].expand(bsz, c, h, w + 2 * PAD))
         return x.gather(3, cols[:, None, None, :].expand(bsz, c, h, w))
-
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255).sub_(self.mean).div_(self.std)  # the torch loader's arithmetic, in its order
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .augment import MEAN, PAD, STD, crop_flip_params, epoch_indices
+from .augment import PAD, crop_flip_params, epoch_indices
+from .images import MEAN, STD, load_rgb
 from .layout import Split
-from .torch_loader import load_rgb
 
 INSTALL_HINT = ("NVIDIA DALI is not installed: pip install nvidia-dali-cuda130 (CUDA 13; see "
                 "https://docs.nvidia.com/deeplearning/dali for others), or use --loader cache or --loader torch")
@@ -37,8 +37,8 @@ class DaliLoader:
     name = "dali"
 
     def __init__(self, split: Split, batch_size: int, train: bool, seed: int, workers: int, device: torch.device,
-                 channels_last: bool = False, rank: int = 0, world: int = 1):
-        if not dali_available():
+                 channels_last: bool = False, rank: int = 0, world: int = 1, progress: bool = False):
+        if not dali_available():  # progress: DALI decodes as it goes, nothing ahead
             raise ConfigError(f"--loader dali: {INSTALL_HINT}")
         self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
         self.rank, self.world, self.channels_last = rank, world, channels_last

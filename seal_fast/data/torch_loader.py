@@ -7,27 +7,13 @@ augment.crop_flip_params, never from worker RNG state.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import DataError
-from .augment import MEAN, STD, augment, crop_flip_params, epoch_indices
+from .augment import augment, crop_flip_params, epoch_indices
+from .images import load_rgb, normalize
 from .layout import Split
-
-
-def load_rgb(path: str) -> np.ndarray:
-    """HWC uint8 RGB (grayscale and palette images are converted); DataError names a broken file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.asarray(img.convert("RGB"))
-    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError ...
-        raise DataError(f"{path}: cannot decode this image ({type(exc).__name__}: {exc}); replace or delete "
-                        "the file (a val image also needs its line removed from val_annotations.txt)") from None
 
 
 class ImageDataset(Dataset):
@@ -60,21 +46,6 @@ class EpochSampler(Sampler):
         return iter([(self.epoch, int(i)) for i in idx])
 
 
-@functools.lru_cache(maxsize=None)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std as [1,3,1,1] tensors on `device`, made once (not per batch)."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
-
-
-def normalize(images: torch.Tensor, device: torch.device, channels_last: bool,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> normalized `dtype` on `device` (ToTensor then Normalize, same arithmetic)."""
-    x = images.to(device, non_blocking=True).float().div_(255)
-    mean, std = _mean_std(torch.device(device))
-    x = x.sub_(mean).div_(std).to(dtype)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
 class TorchLoader:
     """`epoch(e)` yields (normalized images [B,3,H,W] on `device`, int64 labels on `device`); the last batch
     of an epoch may be short (drop_last=False, as published)."""
@@ -82,8 +53,8 @@ class TorchLoader:
     name = "torch"
 
     def __init__(self, split: Split, batch_size: int, train: bool, seed: int, workers: int, device: torch.device,
-                 channels_last: bool = False, rank: int = 0, world: int = 1):
-        self.device, self.channels_last = torch.device(device), channels_last
+                 channels_last: bool = False, rank: int = 0, world: int = 1, progress: bool = False):
+        self.device, self.channels_last = torch.device(device), channels_last  # progress: nothing to decode ahead
         self.dataset = ImageDataset(split, train, seed)
         self.sampler = EpochSampler(len(self.dataset), seed, train, rank, world)
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
