@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.utils import append_rows, environment, print_table  # noqa: E402
-from seal_fast.data.torch_loader import normalize  # noqa: E402
-from seal_fast.depth import Study, load_model, probe_names  # noqa: E402
-from seal_fast.models import build_model  # noqa: E402
+from seal_fast.data.images import normalize  # noqa: E402
+from seal_fast.depth import Study, load_model  # noqa: E402
+from seal_fast.models import build_model, probe_names  # noqa: E402
 
 
 class DeviceImages:

@@ -36,48 +36,13 @@ from kernels.knn import knn_topk, vote
 
 from . import checkpoint
 from .errors import ConfigError, DataError, cli_main
+from .models import forward_probes, probe_names
 from .precision import amp_dtype
+from .runtime import default_workers, free_memory, make_out_folder, pick_device
 
 # ----------------------------------------------------------------------------------------------
 # Probes on the model
 # ----------------------------------------------------------------------------------------------
-
-
-def probe_names(model) -> list[str]:
-    """The KNN probes of a torchvision ResNet, input to last block: input, stem, block.1.0 ... block.4.Y."""
-    names = ["input", "stem"]
-    for stage in range(1, 5):
-        names += [f"block.{stage}.{b}" for b in range(len(getattr(model, f"layer{stage}")))]
-    return names
-
-
-def _embed(t: torch.Tensor, pooled: bool) -> torch.Tensor:
-    return t.mean(dim=(2, 3)) if pooled else t.flatten(1)
-
-
-@torch.no_grad()
-def forward_probes(model, x: torch.Tensor, wanted: set[str], pooled: bool) -> dict[str, torch.Tensor]:
-    """Embeddings [B, D] of the wanted probes (and "output": the logits, if wanted); the forward pass stops
-    after the deepest one."""
-    out: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, t: torch.Tensor) -> bool:
-        if name in wanted:
-            out[name] = _embed(t, pooled)
-        return len(out) == len(wanted)
-
-    if keep("input", x):
-        return out
-    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    if keep("stem", h):
-        return out
-    for stage in range(1, 5):
-        for b, block in enumerate(getattr(model, f"layer{stage}")):
-            h = block(h)
-            if keep(f"block.{stage}.{b}", h):
-                return out
-    out["output"] = model.fc(torch.flatten(model.avgpool(h), 1))
-    return out
 
 
 def prediction_depth(knn_preds: torch.Tensor, final_pred: torch.Tensor) -> torch.Tensor:
@@ -375,13 +340,7 @@ def _budget(args, device: torch.device) -> int:
         if args.memory_gb <= 0:
             raise ConfigError("--memory-gb must be positive")
         return int(args.memory_gb * 1e9)
-    if device.type == "cuda":
-        return int(0.4 * torch.cuda.mem_get_info(device)[0])
-    try:
-        ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        ram = 8e9
-    return int(0.25 * ram)
+    return int((0.4 if device.type == "cuda" else 0.25) * free_memory(device))
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -391,9 +350,7 @@ def run(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--k {args.k}: choose 1 to 256 neighbours")
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     amp = args.amp if args.amp is not None else device.type == "cuda"
     if amp and device.type == "cpu":  # bf16 on a CPU only where it is native (precision.py)
         dtype, why = amp_dtype(device, True)
@@ -403,13 +360,7 @@ def run(argv: list[str] | None = None) -> int:
     for path in args.checkpoint:
         if not Path(path).is_file():
             raise ConfigError(f"--checkpoint {path}: no such file (a training run writes last.pt and best.pt)")
-    out = Path(args.out or f"runs/depth-{datetime.now():%Y%m%d-%H%M%S}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("ok")
-        (out / ".write-test").unlink()
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    out = make_out_folder(args.out or f"runs/depth-{datetime.now():%Y%m%d-%H%M%S}")
 
     models = [load_model(p, device, channels_last=device.type == "cuda") for p in args.checkpoint]
     root = args.data or models[0][1].get("data")
@@ -420,7 +371,7 @@ def run(argv: list[str] | None = None) -> int:
         say(f"no --data given and the checkpoint trained on the built-in synthetic set: probing it ({root})")
     from .data import build_eval_loaders
 
-    workers = args.workers if args.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
+    workers = default_workers(args.workers)
     loaders = build_eval_loaders(root, args.batch_size, workers, device, channels_last=device.type == "cuda",
                                  kind=args.loader, progress=True)
     for (model, _, label), path in zip(models, args.checkpoint):

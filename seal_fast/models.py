@@ -46,7 +46,7 @@ def partitions(model: nn.Module, threshold: str) -> tuple[list[str], list[str]]:
 def reinit_in_place(model: nn.Module, names: list[str], generator: torch.Generator) -> None:
     """LLF forgetting: re-initialize the named weights with PyTorch's default conv/linear init
     (kaiming_uniform_(a=sqrt(5))), writing into the existing tensors: storage, device, dtype and
-    memory format are kept, so optimizers holding flat views and captured graphs stay valid.
+    memory format are kept, so SignedSGD's table of tensor addresses and captured CUDA graphs stay valid.
     Values are drawn on the CPU from `generator` in logical (contiguous) order, so they do not
     depend on the device or memory format."""
     params = dict(model.named_parameters())
@@ -63,3 +63,43 @@ def reinit_in_place(model: nn.Module, names: list[str], generator: torch.Generat
 def llf_names(model: nn.Module, threshold: str) -> list[str]:
     """The tensors LLF re-initializes for this model and threshold."""
     return llf_reinit_names(partitions(model, threshold)[1])
+
+
+# ---- probes: the ResNet forward pass stopped after any block (the KNN probes of depth.py and the studies) ----
+
+
+def probe_names(model) -> list[str]:
+    """The KNN probes of a torchvision ResNet, input to last block: input, stem, block.1.0 ... block.4.Y."""
+    names = ["input", "stem"]
+    for stage in range(1, 5):
+        names += [f"block.{stage}.{b}" for b in range(len(getattr(model, f"layer{stage}")))]
+    return names
+
+
+def _embed(t: torch.Tensor, pooled: bool) -> torch.Tensor:
+    return t.mean(dim=(2, 3)) if pooled else t.flatten(1)
+
+
+@torch.no_grad()
+def forward_probes(model, x: torch.Tensor, wanted: set[str], pooled: bool) -> dict[str, torch.Tensor]:
+    """Embeddings [B, D] of the wanted probes (and "output": the logits, if wanted); the forward pass stops
+    after the deepest one."""
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, t: torch.Tensor) -> bool:
+        if name in wanted:
+            out[name] = _embed(t, pooled)
+        return len(out) == len(wanted)
+
+    if keep("input", x):
+        return out
+    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    if keep("stem", h):
+        return out
+    for stage in range(1, 5):
+        for b, block in enumerate(getattr(model, f"layer{stage}")):
+            h = block(h)
+            if keep(f"block.{stage}.{b}", h):
+                return out
+    out["output"] = model.fc(torch.flatten(model.avgpool(h), 1))
+    return out

@@ -1,6 +1,6 @@
 """The plan of a run: pure functions from a Config to one entry per epoch. No torch needed.
 
-Each entry follows ../shared/architecture.md:
+Each entry (the --dry-run format, README 'The plan'):
     {"generation": g, "epoch": e, "global_epoch": i, "phase": "ascent"|"descent",
      "reset_momentum": bool, "reinit": [names], "evaluate": bool,
      "groups": [{"name": "early"|"later", "lr": float, "weight_decay": float, "params": [names]}]}

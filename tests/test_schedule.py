@@ -1,4 +1,4 @@
-"""The plan against the recipe (../shared/seal_recipe.md), written out by hand, and the dry-run CLI."""
+"""The plan against the recipe (docs/recipe.md), written out by hand, and the dry-run CLI."""
 
 import json
 import math
