@@ -75,7 +75,7 @@ def measure(root: str, setup: str, batch: int, epochs: int, workers: int, out: P
     sync(tr.device)
     eval_s = time.perf_counter() - t
     t = time.perf_counter()
-    state = checkpoint.snapshot(tr.state())   # the part of a save the training waits for
+    state = checkpoint.snapshot(tr.state().to_dict())   # the part of a save the training waits for
     snap_s = time.perf_counter() - t
     t = time.perf_counter()
     checkpoint.save(state, out / "last.pt")   # written on a thread behind the next epoch

@@ -15,9 +15,8 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from pathlib import Path
-
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch

@@ -1,8 +1,12 @@
-"""The training and evaluation steps replayed as CUDA graphs (`--cuda-graph`).
+"""The training step and the evaluation step, eager or replayed as CUDA graphs (`--cuda-graph`).
 
-One training step = zero_grad, forward, loss, backward and the fused SignedSGD update: hundreds of small
-kernel launches at batch 32, which is where a 64x64 ResNet-50 step spends its time on a big GPU. Captured
-once as one graph, a step is one launch. What keeps one graph valid for all 1,600 epochs:
+`training_step` is the step itself: zero_grad, forward and loss under autocast, backward, the optimizer's
+update (through the GradScaler with fp16). `evaluation_step` is one val batch. `TrainStep` / `EvalStep` call
+them eagerly, or (CUDA, SignedSGD, no fp16 scaling, one process) capture them once and replay the graph.
+
+Why a graph: a step is hundreds of small kernel launches at batch 32, which is where a 64x64 ResNet-50
+step spends its time on a big GPU; captured once as one graph, a step is one launch. What keeps one graph
+valid for all 1,600 epochs:
 - inputs are copied into static tensors before each replay;
 - SignedSGD reads lr / weight decay from a device tensor (`sync_hyperparameters()` before each replay),
   resets momentum in place (a per-tensor restart flag) and zeroes gradients in place;
@@ -82,14 +86,41 @@ class _Graphed:
         pass
 
 
-class GraphedTrainStep(_Graphed):
-    """step(x, y) -> (loss float32 [], correct int64 []) of one training step; graphed on CUDA after `warmup`
-    eager steps of the same shape. The returned tensors are overwritten by the next step: copy them out."""
+def training_step(model, criterion, optimizer, x, y, amp_dtype=None, scaler=None, capturing: bool = False):
+    """One optimizer step on the batch (x, y) -> (loss float32 [], correct int64 []), both still on the device."""
+    optimizer.zero_grad()                                 # in place: gradient addresses stay fixed (graphs)
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                        cache_enabled=not capturing):
+        logits = model(x)
+        loss = criterion(logits, y)
+    if scaler is not None and scaler.is_enabled():        # fp16: scaled backward, the step skipped on inf
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach().float(), (logits.detach().argmax(1) == y).sum()
 
-    def __init__(self, model, criterion, optimizer, amp_dtype, enabled: bool, warmup: int = 3, scaler=None):
+
+@torch.no_grad()
+def evaluation_step(model, criterion, x, y, amp_dtype=None, capturing: bool = False):
+    """One val batch -> (summed loss float32 [], correct int64 []), model in eval mode."""
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                        cache_enabled=not capturing):
+        logits = model(x)
+        loss = criterion(logits, y)
+    return loss.float() * y.shape[0], (logits.argmax(1) == y).sum()
+
+
+class TrainStep(_Graphed):
+    """step(x, y) -> training_step's (loss, correct); graphed on CUDA after `warmup` eager steps of the same
+    shape. The returned tensors are overwritten by the next step: copy them out."""
+
+    def __init__(self, model, criterion, optimizer, amp_dtype, graphed: bool, warmup: int = 3, scaler=None):
         super().__init__(warmup)
         self.model, self.criterion, self.optimizer, self.amp_dtype = model, criterion, optimizer, amp_dtype
-        self.enabled, self.scaler = enabled, scaler  # scaler: fp16 loss scaling (never graphed)
+        self.enabled, self.scaler = graphed, scaler  # scaler: fp16 loss scaling (never graphed)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         return self._run(x, y) if self.enabled else self._eager(x, y)
@@ -98,36 +129,18 @@ class GraphedTrainStep(_Graphed):
         self.optimizer.sync_hyperparameters()             # the plan's lr / wd, into the device table
 
     def _eager(self, x, y, capturing: bool = False):
-        device = x.device.type
-        self.optimizer.zero_grad()                        # in place: gradient addresses stay fixed
-        with torch.autocast(device, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None,
-                            cache_enabled=not capturing):
-            logits = self.model(x)
-            loss = self.criterion(logits, y)
-        if self.scaler is not None and self.scaler.is_enabled():
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        return loss.detach().float(), (logits.detach().argmax(1) == y).sum()
+        return training_step(self.model, self.criterion, self.optimizer, x, y, self.amp_dtype, self.scaler, capturing)
 
 
-class GraphedEvalStep(_Graphed):
-    """step(x, y) -> (summed loss float32 [], correct int64 []) of one evaluation batch, model in eval mode."""
+class EvalStep(_Graphed):
+    """step(x, y) -> evaluation_step's (summed loss, correct); graphed on CUDA after `warmup` eager calls."""
 
-    def __init__(self, model, criterion, amp_dtype, enabled: bool, warmup: int = 2):
+    def __init__(self, model, criterion, amp_dtype, graphed: bool, warmup: int = 2):
         super().__init__(warmup)
-        self.model, self.criterion, self.amp_dtype, self.enabled = model, criterion, amp_dtype, enabled
+        self.model, self.criterion, self.amp_dtype, self.enabled = model, criterion, amp_dtype, graphed
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         return self._run(x, y) if self.enabled else self._eager(x, y)
 
-    @torch.no_grad()
     def _eager(self, x, y, capturing: bool = False):
-        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None,
-                            cache_enabled=not capturing):
-            logits = self.model(x)
-            loss = self.criterion(logits, y)
-        return loss.float() * y.shape[0], (logits.argmax(1) == y).sum()
+        return evaluation_step(self.model, self.criterion, x, y, self.amp_dtype, capturing)

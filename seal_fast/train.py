@@ -3,8 +3,8 @@
 1. command line -> Config (config.py) -> plan (schedule.py)
 2. setup: output folder, device, data, model, optimizer, resume
 3. the optimizer seam: one place builds the optimizer and applies a plan entry to it
-4. one training epoch, evaluation (steps graphed on CUDA: capture.py)
-5. the run: plan entry by plan entry, atomic checkpoint after every epoch
+4. one training epoch, evaluation: the step itself is step.training_step (graphed on CUDA)
+5. Trainer.fit: plan entry by plan entry, atomic checkpoint after every epoch; run() is the entry point
 
 Data-parallel on one node: `torchrun --nproc_per_node N -m seal_fast.train ...` (distributed.py): the
 global --batch-size is kept (N ranks x batch/N), BatchNorm is synchronized, rank 0 writes the outputs.
@@ -25,16 +25,17 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .capture import GraphedEvalStep, GraphedTrainStep, graph_support
 from .config import DEMO_OVERRIDES, RESUME_FREE_KEYS, Config, make_config, validate
 from .data import LOADERS, build_loaders
 from .data.synthetic import ensure_synthetic
 from .errors import ConfigError, NonFiniteLossError, cli_main
 from .models import build_model, reinit_in_place
 from .optim import SignedSGD
-from .precision import amp_dtype
 from .plots import plot_curves
+from .precision import amp_dtype
+from .runtime import default_workers, make_out_folder, pick_device
 from .schedule import build_plan, describe
+from .step import EvalStep, TrainStep, graph_support
 
 # ----------------------------------------------------------------------------------------------
 # 1. Command line
@@ -112,15 +113,7 @@ def print_plan(cfg: Config) -> None:
 
 
 def prepare_out(cfg: Config, resuming: bool) -> Path:
-    out = Path(cfg.out or f"runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a folder you can "
-                          "write to") from None
+    out = make_out_folder(cfg.out or f"runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
     if not resuming and (out / "last.pt").exists():
         raise ConfigError(f"--out {out} already holds a run (last.pt): continue it with --resume {out}, "
                           "or choose another --out")
@@ -197,22 +190,15 @@ def apply_entry(optimizer, entry: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def pick_device(cfg: Config, dist: distributed.Dist) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-    return torch.device(f"cuda:{dist.local_rank}" if cuda and dist.world > 1 else "cuda" if cuda else "cpu")
-
-
 class Trainer:
     def __init__(self, cfg: Config, out: Path, say, dist: distributed.Dist = distributed.Dist()):
         self.cfg, self.out, self.say, self.dist = cfg, out, say, dist
-        self.device = pick_device(cfg, dist)
+        self.device = pick_device(cfg.device, dist.local_rank, dist.world)
         cuda = self.device.type == "cuda"
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         root = distributed.broadcast(resolve_dataset(cfg, say) if dist.main else None, dist)  # rank 0 writes it once
-        workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
+        workers = default_workers(cfg.workers)
         self.loaders = build_loaders(root, cfg.batch_size // dist.world, cfg.seed, workers, self.device,
                                      cfg.channels_last, kind=cfg.loader, eval_batch_size=max(256, cfg.batch_size),
                                      rank=dist.rank, world=dist.world, progress=dist.main)
@@ -239,9 +225,10 @@ class Trainer:
         self.graphed = ok and cfg.cuda_graph != "off"
         if cfg.cuda_graph == "off":
             self.graph_why = "--cuda-graph off: eager steps"
-        self.train_step = GraphedTrainStep(self.net, self.criterion, self.optimizer, self.amp_dtype, self.graphed,
-                                           scaler=self.scaler)
-        self.eval_step = GraphedEvalStep(self.model, self.criterion, self.amp_dtype, self.graphed)
+        # the step itself: step.training_step (zero_grad, forward, loss, backward, update), graphed on CUDA
+        self.train_step = TrainStep(self.net, self.criterion, self.optimizer, self.amp_dtype, self.graphed,
+                                    scaler=self.scaler)
+        self.eval_step = EvalStep(self.model, self.criterion, self.amp_dtype, self.graphed)
         self.next_epoch, self.best_val, self.history = 0, None, []
 
     # -- checkpoint ----------------------------------------------------------------------------
@@ -322,51 +309,53 @@ class Trainer:
         return float(loss_sum) / n, int(correct) / n
 
     # -- 5. the run ----------------------------------------------------------------------------
-    def run(self) -> None:
+    def fit(self) -> None:
+        """Every plan entry from next_epoch on; last.pt (and best.pt) after every epoch, written behind the next."""
         self.saver = checkpoint.BackgroundSaver()
         try:
-            self._run()
+            if self.next_epoch >= len(self.plan):
+                self.say(f"this run is already complete ({len(self.plan)} epochs); nothing to train")
+            for entry in self.plan[self.next_epoch:]:
+                self.epoch(entry)
+            if self.dist.main:
+                plot_curves(self.history, self.out / "curves.png", title=f"{self.cfg.method} ({self.cfg.arch})")
         finally:
             self.saver.wait()  # every checkpoint on disk before returning or reporting an error
 
-    def _run(self) -> None:
-        cfg, plan = self.cfg, self.plan
-        if self.next_epoch >= len(plan):
-            self.say(f"this run is already complete ({len(plan)} epochs); nothing to train")
-        for entry in plan[self.next_epoch:]:
-            if entry["reinit"]:
-                gen = torch.Generator().manual_seed(cfg.seed * 100_003 + entry["generation"])
-                reinit_in_place(self.model, entry["reinit"], gen)
-            apply_entry(self.optimizer, entry)
-            t0 = time.perf_counter()
-            row = {"generation": entry["generation"], "epoch": entry["epoch"], "global_epoch": entry["global_epoch"],
-                   "phase": entry["phase"], "lr": {g["name"]: g["lr"] for g in entry["groups"]}}
-            row.update(self.train_epoch(entry))
-            row["val_loss"] = row["val_acc"] = None
-            if entry["evaluate"]:
-                row["val_loss"], row["val_acc"] = self.evaluate()
-                improved = self.best_val is None or row["val_acc"] > self.best_val
-                if improved:
-                    self.best_val = row["val_acc"]
-            else:
-                improved = False
-            row["best_val"] = self.best_val
-            row["seconds"] = time.perf_counter() - t0
-            self.history.append(row)
-            self.next_epoch = entry["global_epoch"] + 1
-            if self.dist.main:  # one writer; every rank holds the same weights
-                checkpoint.write_last(self.state(), self.out, self.saver)  # written behind the next epoch
-                if improved:
-                    checkpoint.write_best(checkpoint.RunState(model=self.model.state_dict(), config=cfg.to_dict(),
-                                                              next_epoch=self.next_epoch, kind="best",
-                                                              val_acc=self.best_val), self.out, self.saver)
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if entry["epoch"] == cfg.epochs - 1:
-                    plot_curves(self.history, self.out / "curves.png", title=f"{cfg.method} ({cfg.arch})")
-            self.say(epoch_line(row, cfg))
-        if self.dist.main:
-            plot_curves(self.history, self.out / "curves.png", title=f"{cfg.method} ({cfg.arch})")
+    def epoch(self, entry: dict) -> None:
+        """One plan entry: LLF re-init, the entry's lr / wd / momentum reset, train, evaluate, checkpoint, log."""
+        cfg = self.cfg
+        if entry["reinit"]:
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + entry["generation"])
+            reinit_in_place(self.model, entry["reinit"], gen)
+        apply_entry(self.optimizer, entry)
+        t0 = time.perf_counter()
+        row = {"generation": entry["generation"], "epoch": entry["epoch"], "global_epoch": entry["global_epoch"],
+               "phase": entry["phase"], "lr": {g["name"]: g["lr"] for g in entry["groups"]}}
+        row.update(self.train_epoch(entry))
+        row["val_loss"] = row["val_acc"] = None
+        if entry["evaluate"]:
+            row["val_loss"], row["val_acc"] = self.evaluate()
+            improved = self.best_val is None or row["val_acc"] > self.best_val
+            if improved:
+                self.best_val = row["val_acc"]
+        else:
+            improved = False
+        row["best_val"] = self.best_val
+        row["seconds"] = time.perf_counter() - t0
+        self.history.append(row)
+        self.next_epoch = entry["global_epoch"] + 1
+        if self.dist.main:  # one writer; every rank holds the same weights
+            checkpoint.write_last(self.state(), self.out, self.saver)  # written behind the next epoch
+            if improved:
+                checkpoint.write_best(checkpoint.RunState(model=self.model.state_dict(), config=cfg.to_dict(),
+                                                          next_epoch=self.next_epoch, kind="best",
+                                                          val_acc=self.best_val), self.out, self.saver)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if entry["epoch"] == cfg.epochs - 1:
+                plot_curves(self.history, self.out / "curves.png", title=f"{cfg.method} ({cfg.arch})")
+        self.say(epoch_line(row, cfg))
 
 
 def make_criterion(cfg: Config):
@@ -395,6 +384,7 @@ def rewrite_metrics(out: Path, history: list[dict]) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
+    """The one entry point: command line -> config (and checkpoint, with --resume) -> Trainer -> fit."""
     cfg, explicit, args = parse(argv)
     if getattr(args, "dry_run", False):
         print_plan(cfg)
@@ -402,7 +392,7 @@ def run(argv: list[str] | None = None) -> int:
     cfg, ckpt = resolve_resume(args, cfg, explicit)
     dist = distributed.init(cfg.device)
     try:
-        return train(cfg, ckpt, dist)
+        return _train(cfg, ckpt, dist)
     finally:
         distributed.shutdown()
 
@@ -421,7 +411,7 @@ def setup_out(cfg: Config, resuming: bool, dist: distributed.Dist) -> Path:
     return out
 
 
-def train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist) -> int:
+def _train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist) -> int:
     def say(msg: str) -> None:
         if dist.main:
             print(msg, flush=True)
@@ -437,7 +427,7 @@ def train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist)
                 f"epoch(s) at the start of every generation after the first, for SEAL), about 4 minutes on a 2-core CPU; "
                 "pass --data /path/to/tiny-imagenet-200 for the paper's recipe")
     if cfg.amp:  # in the first lines: on a CPU without native bf16, --amp runs fp32
-        say(amp_dtype(pick_device(cfg, dist), True)[1])
+        say(amp_dtype(pick_device(cfg.device, dist.local_rank, dist.world), True)[1])
     out = setup_out(cfg, ckpt is not None, dist)
     cfg = dataclasses.replace(cfg, out=str(out))
     trainer = Trainer(cfg, out, say, dist)
@@ -458,7 +448,7 @@ def train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist)
         f"{trainer.graph_why}{par}; {len(trainer.loaders.train)} steps per epoch over "
         f"{trainer.loaders.train.num_images * dist.world} train / {trainer.loaders.val.num_images} val images from "
         f"{trainer.data_root}; writing to {out}")
-    trainer.run()
+    trainer.fit()
     best = trainer.best_val
     say(f"done: best val top-1 {100 * best:.2f}%" if best is not None else "done")
     say(f"outputs: {out}/config.json, metrics.jsonl, last.pt, best.pt, curves.png")

@@ -45,7 +45,8 @@ def test_last_and_best_round_trip(tmp_path):
     checkpoint.write_best(checkpoint.RunState(model={"fc.weight": torch.zeros(2, 3)}, config={"method": "seal"},
                                               next_epoch=2, kind="best", val_acc=0.5), tmp_path)
     last = checkpoint.read(tmp_path / "last.pt", resumable=True)
-    assert last.kind == "last" and last.next_epoch == 3 and last.best_val == 0.5 and last.metrics == [{"global_epoch": 0}]
+    assert last.kind == "last" and last.next_epoch == 3 and last.best_val == 0.5
+    assert last.metrics == [{"global_epoch": 0}]
     assert torch.equal(last.model["fc.weight"], torch.ones(2, 3))
     best = checkpoint.read(tmp_path / "best.pt")
     assert best.kind == "best" and best.next_epoch == 2 and best.val_acc == 0.5 and best.optimizer is None

@@ -1,14 +1,15 @@
-"""The graphed training step: a clean fallback without CUDA; on a GPU, replays equal eager steps across a phase
-change, a momentum reset and an LLF re-initialization."""
+"""The training step (seal_fast/step.py): eager, it is exactly zero_grad + forward + loss + backward + step;
+without CUDA a clean fallback; on a GPU, graph replays equal eager steps across a phase change, a momentum
+reset and an LLF re-initialization."""
 
 import pytest
 import torch
 
-from seal_fast.capture import GraphedEvalStep, GraphedTrainStep, graph_support
 from seal_fast.config import Config
 from seal_fast.errors import ConfigError
 from seal_fast.models import build_model, llf_names, reinit_in_place
 from seal_fast.optim import SignedSGD
+from seal_fast.step import EvalStep, TrainStep, graph_support
 from seal_fast.train import Trainer, apply_entry, make_criterion
 
 
@@ -37,14 +38,14 @@ def test_cpu_trainer_falls_back_to_eager_steps(tiny_data, tmp_path):
 
 
 def test_eager_step_is_the_plain_training_step():
-    """GraphedTrainStep(enabled=False) is zero_grad + forward + loss + backward + step, nothing else."""
+    """TrainStep(graphed=False) is zero_grad + forward + loss + backward + step, nothing else."""
     torch.manual_seed(0)
     a, b = build_model("resnet10", 4), build_model("resnet10", 4)
     b.load_state_dict(a.state_dict())
     crit = make_criterion(Config())
     opt_a = SignedSGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     opt_b = SignedSGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    step = GraphedTrainStep(a, crit, opt_a, None, enabled=False)
+    step = TrainStep(a, crit, opt_a, None, graphed=False)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
     for _ in range(3):
         loss, correct = step(x, y)
@@ -73,7 +74,7 @@ def test_captured_step_equals_eager_across_phase_change_reset_and_reinit(amp):
         later = [p for n, p in m.named_parameters() if n.startswith(("layer3", "layer4", "fc"))]
         opt = SignedSGD([{"params": early}, {"params": later}], lr=0.05, momentum=0.9, weight_decay=5e-4)
         opts.append(opt)
-        steps.append(GraphedTrainStep(m, crit, opt, amp, enabled=graphed, warmup=2))
+        steps.append(TrainStep(m, crit, opt, amp, graphed=graphed, warmup=2))
     g = torch.Generator(device="cuda").manual_seed(1)
     batches = [(torch.randn(32, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last),
                 torch.randint(0, 10, (32,), device="cuda", generator=g)) for _ in range(4)]
@@ -93,7 +94,7 @@ def test_captured_step_equals_eager_across_phase_change_reset_and_reinit(amp):
     assert steps[1].replays >= 11 and steps[0].replays == 0
     for p, q in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
-    ev = [GraphedEvalStep(m.eval(), crit, amp, enabled=e) for m, e in zip(models, (False, True))]
+    ev = [EvalStep(m.eval(), crit, amp, graphed=e) for m, e in zip(models, (False, True))]
     for _ in range(4):
         a, b = (e(*batches[0]) for e in ev)
         torch.testing.assert_close(b[0], a[0])
