@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.utils import append_rows, environment, print_table  # noqa: E402
 from seal_fast.data.images import normalize  # noqa: E402
-from seal_fast.depth import Study, load_model  # noqa: E402
+from seal_fast.depth import Study  # noqa: E402
+from seal_fast.features import load_model  # noqa: E402
 from seal_fast.models import build_model, probe_names  # noqa: E402
 
 

@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from kernels.knn import knn_topk, vote
 
-from . import checkpoint
 from .errors import ConfigError, DataError, cli_main
+from .features import load_model
 from .models import forward_probes, probe_names
 from .precision import amp_dtype
 from .runtime import default_workers, free_memory, make_out_folder, pick_device
@@ -114,20 +114,6 @@ class Result:
     knn_preds: torch.Tensor  # [P, S]: each probe's KNN class per sample
     dims: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-def load_model(path: str, device: torch.device, channels_last: bool):
-    from .models import build_model
-
-    ckpt = checkpoint.read(path)
-    cfg = ckpt.config
-    model = build_model(cfg.get("arch", "resnet50"), num_classes=ckpt.model["fc.weight"].shape[0])
-    model.load_state_dict(ckpt.model)
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    label = f"{cfg.get('method', '?')} @ epoch {ckpt.next_epoch} ({Path(path).parent.name}/{Path(path).name})"
-    return model, cfg, label
 
 
 class Study:

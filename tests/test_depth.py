@@ -11,7 +11,8 @@ import torch
 from kernels.knn import vote
 from kernels.reference import knn_topk_ref
 from seal_fast.data import build_eval_loaders
-from seal_fast.depth import Study, load_model, plan_jobs, prediction_depth
+from seal_fast.depth import Study, plan_jobs, prediction_depth
+from seal_fast.features import load_model
 from seal_fast.models import build_model, forward_probes, probe_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
