@@ -6,16 +6,25 @@ setup(
     description="SEAL (Simulated annealing in EArly Layers, CVPR 2023) and its baselines on Tiny-ImageNet, fast",
     packages=find_packages(include=["seal_fast", "seal_fast.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
+    # lower bounds the code needs: torch.amp.GradScaler(device), torch.func, CUDA graphs with autocast
+    # cache control (torch 2.4); Triton 3 (tl.dot input_precision); torchvision's ResNet of that torch
     install_requires=[
-        "torch",
-        "torchvision",
-        "triton",
-        "numpy",
-        "nvidia-dali-cuda130",
-        "tqdm",
-        "matplotlib",
-        "pillow",
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy>=1.24",
+        "tqdm>=4.64",
+        "matplotlib>=3.7",
+        "pillow>=9.4",
     ],
-    extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["seal-train=seal_fast.train:main"]},
+    extras_require={
+        "dali": ["nvidia-dali-cuda130>=1.40"],   # --loader dali (GPU JPEG decoding); CUDA 13 build
+        "tensorboard": ["tensorboard>=2.14"],    # --tensorboard
+        # the tests run all three loaders (DALI's CPU operators included) to check they give the same batches
+        "test": ["pytest>=7", "nvidia-dali-cuda130>=1.40"],
+    },
+    entry_points={"console_scripts": [
+        "seal-train=seal_fast.train:main",
+        "seal-depth=seal_fast.depth:main",
+    ]},
 )

@@ -5,6 +5,8 @@ Every writer and reader of `last.pt` / `best.pt` goes through `RunState`: the tr
 one) keeps schema 1's keys, so files of either version read the same way:
   last.pt  kind "last": model, optimizer, scaler, rng, config, next_epoch, best_val, metrics (resumable)
   best.pt  kind "best": model, config, next_epoch, val_acc (weights only; schema 1 wrote global_epoch)
+  gen<G>.pt, gen<G>-after-ascent.pt  kind "generation": the weights at the end of generation G (and of
+           SEAL's ascent in it), val_acc the last val top-1 there, as the published code keeps them
 `model` holds the plain model's state_dict (no wrapper prefixes); `next_epoch` counts the global epochs
 done. `save` writes to a temporary file in the same folder, flushes and fsyncs it, renames it over the
 target and fsyncs the folder: a kill at any moment leaves either the old or the new file, whole.
@@ -31,7 +33,7 @@ class RunState:
     model: dict                          # the plain model's state_dict
     config: dict                         # Config.to_dict() of the run
     next_epoch: int                      # global epochs done (the plan index to continue from)
-    kind: str = "last"                   # "last" (resumable) or "best" (weights only)
+    kind: str = "last"                   # "last" (resumable), "best" or "generation" (weights only)
     optimizer: dict | None = None        # last only: torch.optim.SGD-compatible state_dict
     scaler: dict | None = None           # last only: GradScaler state
     rng: dict | None = None              # last only: rng_state()
@@ -76,14 +78,15 @@ def read(path: str | os.PathLike, resumable: bool = False) -> RunState:
 
 
 def write_last(state: RunState, folder: str | os.PathLike, saver: "BackgroundSaver | None" = None) -> None:
-    _write(state, Path(folder) / "last.pt", saver)
+    write(state, Path(folder) / "last.pt", saver)
 
 
 def write_best(state: RunState, folder: str | os.PathLike, saver: "BackgroundSaver | None" = None) -> None:
-    _write(state, Path(folder) / "best.pt", saver)
+    write(state, Path(folder) / "best.pt", saver)
 
 
-def _write(state: RunState, path: Path, saver) -> None:
+def write(state: RunState, path: str | os.PathLike, saver: "BackgroundSaver | None" = None) -> None:
+    """Atomically now, or on the saver's thread (snapshot taken now) when a BackgroundSaver is given."""
     (saver.save if saver is not None else save)(state.to_dict(), path)
 
 

@@ -42,6 +42,8 @@ class Config:
     loader: str = "auto"            # auto | torch | cache | dali; same batches (seal_fast/data/augment.py)
     cuda_graph: str = "auto"        # auto | on | off: replay the training step as one CUDA graph (CUDA only)
     preset: str = "paper"           # paper | demo: which defaults the values above started from
+    keep_generations: str = "all"   # all | none: gen<G>.pt (and SEAL's gen<G>-after-ascent.pt) weights per generation
+    tensorboard: bool = False       # also write the epoch scalars for TensorBoard (needs the tensorboard package)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -53,7 +55,8 @@ class Config:
 DEMO_OVERRIDES = dict(generations=2, epochs=4, ascent_epochs=1, warmup=2, preset="demo")
 
 # Keys that may differ between a run and its resume without changing the science.
-RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer", "loader", "cuda_graph")
+RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer", "loader", "cuda_graph", "keep_generations",
+                    "tensorboard")
 
 
 def make_config(explicit: dict, preset: str) -> Config:
@@ -98,6 +101,7 @@ def validate(cfg: Config) -> None:
     need(cfg.optimizer in ("signed", "torch"), f"--optimizer {cfg.optimizer!r}: choose signed or torch")
     need(cfg.loader in ("auto", "torch", "cache", "dali"), f"--loader {cfg.loader!r}: choose auto, torch, cache or dali")
     need(cfg.cuda_graph in ("auto", "on", "off"), f"--cuda-graph {cfg.cuda_graph!r}: choose auto, on or off")
+    need(cfg.keep_generations in ("all", "none"), f"--keep-generations {cfg.keep_generations!r}: choose all or none")
     names = param_names(cfg.arch)
     early, later = split_partitions(names, cfg.threshold)
     need(bool(later), f"--threshold {cfg.threshold!r}: {cfg.arch} has no parameter whose name starts with "

@@ -46,3 +46,42 @@ def free_memory(device: torch.device) -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return int(8e9)
+
+
+def provenance(argv: list[str] | None) -> dict:
+    """Where a run came from: its command line, the versions, the GPUs and the git commit of a checkout."""
+    import platform
+    import subprocess
+    import sys
+
+    info = {"command": [sys.executable, "-m", "seal_fast.train", *(argv if argv is not None else sys.argv[1:])],
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "host_cpus": os.cpu_count()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        import nvidia.dali
+        info["dali"] = nvidia.dali.__version__
+    except Exception:  # noqa: BLE001 - missing or broken DALI: recorded as absent
+        info["dali"] = None
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        driver = getattr(torch._C, "_cuda_getDriverVersion", None)
+        info["driver"] = driver() if driver else None
+    else:
+        info["gpus"] = []
+    repo = Path(__file__).resolve().parent.parent
+    info["git_commit"] = None
+    if (repo / ".git").exists():
+        try:
+            r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            info["git_commit"] = r.stdout.strip() + ("+dirty" if dirty else "") if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info

@@ -105,12 +105,13 @@ def training_step(model, criterion, optimizer, x, y, amp_dtype=None, scaler=None
 
 @torch.no_grad()
 def evaluation_step(model, criterion, x, y, amp_dtype=None, capturing: bool = False):
-    """One val batch -> (summed loss float32 [], correct int64 []), model in eval mode."""
+    """One val batch -> (summed loss float32 [], top-1 correct int64 [], top-5 correct int64 []), eval mode."""
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
                         cache_enabled=not capturing):
         logits = model(x)
         loss = criterion(logits, y)
-    return loss.float() * y.shape[0], (logits.argmax(1) == y).sum()
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return loss.float() * y.shape[0], (logits.argmax(1) == y).sum(), (top5 == y[:, None]).any(1).sum()
 
 
 class TrainStep(_Graphed):
@@ -133,7 +134,8 @@ class TrainStep(_Graphed):
 
 
 class EvalStep(_Graphed):
-    """step(x, y) -> evaluation_step's (summed loss, correct); graphed on CUDA after `warmup` eager calls."""
+    """step(x, y) -> evaluation_step's (summed loss, top-1 correct, top-5 correct); graphed on CUDA after
+    `warmup` eager calls."""
 
     def __init__(self, model, criterion, amp_dtype, graphed: bool, warmup: int = 2):
         super().__init__(warmup)

@@ -27,15 +27,18 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .config import DEMO_OVERRIDES, RESUME_FREE_KEYS, Config, make_config, validate
 from .data import LOADERS, build_loaders
+from .data.layout import read_wnids
 from .data.synthetic import ensure_synthetic
-from .errors import ConfigError, NonFiniteLossError, cli_main
+from .data.verify import CLASSES, check_counts
+from .errors import ConfigError, DataError, NonFiniteLossError, cli_main
 from .models import build_model, reinit_in_place
 from .optim import SignedSGD
 from .plots import plot_curves
 from .precision import amp_dtype
-from .runtime import default_workers, make_out_folder, pick_device
+from .runtime import default_workers, make_out_folder, pick_device, provenance
 from .schedule import build_plan, describe
 from .step import EvalStep, TrainStep, graph_support
+from .tblog import TensorBoardLog
 
 # ----------------------------------------------------------------------------------------------
 # 1. Command line
@@ -51,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--method", choices=("seal", "llf", "normal"), help=f"training method (default {d.method})")
     a("--data", metavar="DIR", help="tiny-imagenet-200 folder (default: built-in synthetic data, demo schedule)")
-    a("--out", metavar="DIR", help="output folder (default runs/<method>-<timestamp>)")
-    a("--resume", nargs="?", const=True, metavar="DIR",
-      help="continue the run in DIR (or in --out) from its last.pt, exactly")
+    a("--out", metavar="DIR", help="output folder (default runs/<method>-s<seed>-<timestamp>, never shared)")
+    a("--resume", nargs="?", const=True, metavar="DIR|auto",
+      help="continue the run in DIR (or in --out) from its last.pt, exactly; 'auto' (with --out): resume if --out "
+           "holds a run, else start one there (SLURM requeue, torchrun --max-restarts)")
     a("--seed", type=int, help=f"seed of init, data order, augmentation, LLF re-init (default {d.seed})")
     a("--arch", choices=("resnet50", "resnet18", "resnet10"), help=f"model (default {d.arch}, the recipe's)")
     a("--generations", type=int, help=f"generations (default {d.generations}; demo {DEMO_OVERRIDES['generations']})")
@@ -85,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="signed: the fused SignedSGD (default); torch: torch.optim.SGD as in the published code")
     a("--preset", choices=("paper", "demo"),
       help="defaults to start from (default: demo without --data, paper with --data or --dry-run)")
+    a("--keep-generations", choices=("all", "none"),
+      help="all (default, as published): gen<G>.pt at the end of every generation and SEAL's "
+           "gen<G>-after-ascent.pt, for the studies; none: only last.pt and best.pt")
+    a("--tensorboard", action="store_true", help="also write the epoch scalars for TensorBoard into --out/tb")
     a("--dry-run", action="store_true", help="print the plan, one JSON object per epoch, and exit")
     return p
 
@@ -113,7 +121,20 @@ def print_plan(cfg: Config) -> None:
 
 
 def prepare_out(cfg: Config, resuming: bool) -> Path:
-    out = make_out_folder(cfg.out or f"runs/{cfg.method}-{datetime.now():%Y%m%d-%H%M%S}")
+    if cfg.out is None:  # a fresh folder per run: two runs started in the same second still get their own
+        base = Path("runs") / f"{cfg.method}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
+        for n in range(1, 1000):
+            candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            try:
+                candidate.mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise ConfigError(f"--out {candidate}: cannot write there ({exc.strerror or exc}); pass --out DIR "
+                                  "with a folder you can write to") from None
+        return make_out_folder(candidate)
+    out = make_out_folder(cfg.out)
     if not resuming and (out / "last.pt").exists():
         raise ConfigError(f"--out {out} already holds a run (last.pt): continue it with --resume {out}, "
                           "or choose another --out")
@@ -125,6 +146,12 @@ def resolve_resume(args, cfg: Config, explicit: dict) -> tuple[Config, checkpoin
     resume = getattr(args, "resume", None)
     if resume is None:
         return cfg, None
+    if resume == "auto":
+        if not explicit.get("out"):
+            raise ConfigError("--resume auto needs --out DIR: the folder to resume from, or to start the run in")
+        if not (Path(explicit["out"]) / "last.pt").exists():
+            return cfg, None  # nothing there yet: start the run in --out
+        resume = explicit["out"]
     folder = resume if isinstance(resume, str) else explicit.get("out")
     if not folder:
         raise ConfigError("--resume: name the run folder (--resume DIR, or --resume with --out DIR)")
@@ -140,6 +167,18 @@ def resolve_resume(args, cfg: Config, explicit: dict) -> tuple[Config, checkpoin
     cfg = Config(**saved)
     validate(cfg)
     return cfg, ckpt
+
+
+def warn_if_partial(root: str, say) -> None:
+    """A folder whose wnids.txt lists Tiny-ImageNet's 200 classes but whose counts fall short (a partly unpacked
+    set) trains, but says so first, with the counts."""
+    try:
+        if len(read_wnids(root)) != CLASSES:
+            return
+    except DataError:
+        return  # the loaders report a broken layout with their own one-line errors
+    for problem in check_counts(root):
+        say(f"warning: {root} is not the complete Tiny-ImageNet: {problem} (python -m seal_fast.data verify {root})")
 
 
 def resolve_dataset(cfg: Config, say) -> str:
@@ -230,6 +269,7 @@ class Trainer:
                                     scaler=self.scaler)
         self.eval_step = EvalStep(self.model, self.criterion, self.amp_dtype, self.graphed)
         self.next_epoch, self.best_val, self.history = 0, None, []
+        self.tensorboard = TensorBoardLog(out / "tb") if cfg.tensorboard and dist.main else None
 
     # -- checkpoint ----------------------------------------------------------------------------
     def state(self) -> checkpoint.RunState:
@@ -294,19 +334,22 @@ class Trainer:
                 f"stopped without saving the diverged weights: {kept}. Lower --lr or check the data, then "
                 "start a new run (or resume with the same settings to retry)")
 
-    def evaluate(self) -> tuple[float, float]:
-        """The whole val split (every rank evaluates all of it: no collective, the same numbers everywhere)."""
+    def evaluate(self) -> tuple[float, float, float]:
+        """(val loss, top-1, top-5) over the whole val split (every rank evaluates all of it: no collective, the
+        same numbers everywhere)."""
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        correct = torch.zeros(2, device=self.device, dtype=torch.int64)
         n = 0
         for images, labels in self.loaders.val.epoch(0):
-            batch_loss, right = self.eval_step(images, labels)
+            batch_loss, right, right5 = self.eval_step(images, labels)
             loss_sum += batch_loss
-            correct += right
+            correct[0] += right
+            correct[1] += right5
             n += labels.shape[0]
         self.model.train()
-        return float(loss_sum) / n, int(correct) / n
+        top1, top5 = correct.tolist()
+        return float(loss_sum) / n, top1 / n, top5 / n
 
     # -- 5. the run ----------------------------------------------------------------------------
     def fit(self) -> None:
@@ -333,29 +376,54 @@ class Trainer:
         row = {"generation": entry["generation"], "epoch": entry["epoch"], "global_epoch": entry["global_epoch"],
                "phase": entry["phase"], "lr": {g["name"]: g["lr"] for g in entry["groups"]}}
         row.update(self.train_epoch(entry))
-        row["val_loss"] = row["val_acc"] = None
+        row["val_loss"] = row["val_acc"] = row["val_top5"] = None
         if entry["evaluate"]:
-            row["val_loss"], row["val_acc"] = self.evaluate()
+            row["val_loss"], row["val_acc"], row["val_top5"] = self.evaluate()
             improved = self.best_val is None or row["val_acc"] > self.best_val
             if improved:
                 self.best_val = row["val_acc"]
         else:
             improved = False
-        row["best_val"] = self.best_val
+        row["best_val"] = self.best_val  # over the whole run so far
+        # within this generation, as the published code tracks it: the paper's figure is the last generation's best
+        gen_vals = [r["val_acc"] for r in self.history + [row]
+                    if r["generation"] == entry["generation"] and r["val_acc"] is not None]
+        row["gen_best_val"] = max(gen_vals) if gen_vals else None
+        row["gen_last_val"] = gen_vals[-1] if gen_vals else None
         row["seconds"] = time.perf_counter() - t0
         self.history.append(row)
         self.next_epoch = entry["global_epoch"] + 1
         if self.dist.main:  # one writer; every rank holds the same weights
             checkpoint.write_last(self.state(), self.out, self.saver)  # written behind the next epoch
             if improved:
-                checkpoint.write_best(checkpoint.RunState(model=self.model.state_dict(), config=cfg.to_dict(),
-                                                          next_epoch=self.next_epoch, kind="best",
-                                                          val_acc=self.best_val), self.out, self.saver)
+                self._write_weights("best.pt", "best", self.best_val)
+            if cfg.keep_generations == "all":
+                if entry["epoch"] == cfg.epochs - 1:
+                    self._write_weights(f"gen{entry['generation']}.pt", "generation", row["gen_last_val"])
+                if entry["phase"] == "ascent" and entry["epoch"] == cfg.ascent_epochs - 1:
+                    self._write_weights(f"gen{entry['generation']}-after-ascent.pt", "generation", row["val_acc"])
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.write(row)
             if entry["epoch"] == cfg.epochs - 1:
                 plot_curves(self.history, self.out / "curves.png", title=f"{cfg.method} ({cfg.arch})")
         self.say(epoch_line(row, cfg))
+
+    def _write_weights(self, name: str, kind: str, val_acc: float | None) -> None:
+        """Weights only (best.pt, gen<G>.pt, gen<G>-after-ascent.pt), written behind the next epoch."""
+        state = checkpoint.RunState(model=self.model.state_dict(), config=self.cfg.to_dict(),
+                                    next_epoch=self.next_epoch, kind=kind, val_acc=val_acc)
+        checkpoint.write(state, self.out / name, self.saver)
+
+    def generation_summary(self) -> list[dict]:
+        """Per generation: epochs done, best and last val top-1 within it (None before its first evaluation)."""
+        out = []
+        for g in sorted({r["generation"] for r in self.history}):
+            rows = [r for r in self.history if r["generation"] == g]
+            out.append({"generation": g, "epochs": len(rows), "best_val": rows[-1].get("gen_best_val"),
+                        "last_val": rows[-1].get("gen_last_val")})
+        return out
 
 
 def make_criterion(cfg: Config):
@@ -392,7 +460,7 @@ def run(argv: list[str] | None = None) -> int:
     cfg, ckpt = resolve_resume(args, cfg, explicit)
     dist = distributed.init(cfg.device)
     try:
-        return _train(cfg, ckpt, dist)
+        return _train(cfg, ckpt, dist, argv)
     finally:
         distributed.shutdown()
 
@@ -411,7 +479,7 @@ def setup_out(cfg: Config, resuming: bool, dist: distributed.Dist) -> Path:
     return out
 
 
-def _train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist) -> int:
+def _train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist, argv: list[str] | None) -> int:
     def say(msg: str) -> None:
         if dist.main:
             print(msg, flush=True)
@@ -424,8 +492,11 @@ def _train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist
             "shapes, 64x64, in the Tiny-ImageNet layout)")
         if cfg.preset == "demo":
             say(f"demo schedule: {cfg.generations} generations x {cfg.epochs} epochs ({cfg.ascent_epochs} ascent "
-                f"epoch(s) at the start of every generation after the first, for SEAL), about 4 minutes on a 2-core CPU; "
+                f"epoch(s) at the start of every generation after the first, for SEAL), 2 to 4 minutes on a 2-core "
+                "CPU; "
                 "pass --data /path/to/tiny-imagenet-200 for the paper's recipe")
+    if cfg.data is not None and dist.main:
+        warn_if_partial(cfg.data, say)
     if cfg.amp:  # in the first lines: on a CPU without native bf16, --amp runs fp32
         say(amp_dtype(pick_device(cfg.device, dist.local_rank, dist.world), True)[1])
     out = setup_out(cfg, ckpt is not None, dist)
@@ -437,7 +508,7 @@ def _train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist
             rewrite_metrics(out, trainer.history)
         say(f"resumed {out} at global epoch {trainer.next_epoch} of {len(trainer.plan)}")
     elif dist.main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(dict(cfg.to_dict(), provenance=provenance(argv)), indent=2) + "\n")
         (out / "metrics.jsonl").write_text("")
     say(describe(cfg, trainer.plan))
     say(f"loader {trainer.loaders.kind} ({trainer.loaders.why})")
@@ -448,10 +519,21 @@ def _train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist
         f"{trainer.graph_why}{par}; {len(trainer.loaders.train)} steps per epoch over "
         f"{trainer.loaders.train.num_images * dist.world} train / {trainer.loaders.val.num_images} val images from "
         f"{trainer.data_root}; writing to {out}")
-    trainer.fit()
-    best = trainer.best_val
-    say(f"done: best val top-1 {100 * best:.2f}%" if best is not None else "done")
-    say(f"outputs: {out}/config.json, metrics.jsonl, last.pt, best.pt, curves.png")
+    try:
+        trainer.fit()
+    finally:
+        if trainer.tensorboard is not None:
+            trainer.tensorboard.close()
+    gens = trainer.generation_summary()
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    for g in gens:
+        say(f"generation {g['generation'] + 1}: {g['epochs']} epochs, val top-1 best {pct(g['best_val'])}, "
+            f"last {pct(g['last_val'])}")
+    if gens:
+        say(f"done: val top-1 {pct(gens[-1]['best_val'])}, the best within the last generation (the paper's figure); "
+            f"best over the whole run {pct(trainer.best_val)}")
+    kept = ", gen<G>.pt" if cfg.keep_generations == "all" else ""
+    say(f"outputs: {out}/config.json, metrics.jsonl, last.pt, best.pt{kept}, curves.png")
     return 0
 
 

@@ -99,7 +99,7 @@ def test_two_processes_train_the_weights_of_one(tiny_data, tmp_path):
     res = torchrun(*run_args(tiny_data, tmp_path / "two", 96))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 processes x 48 images" in res.stdout
-    assert res.stdout.count("done: best val") == 1                     # rank 0 speaks, alone
+    assert res.stdout.count("done: val top-1") == 1                    # rank 0 speaks, alone
     a, b = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
     assert a["next_epoch"] == b["next_epoch"] == 4
     for name, w in a["model"].items():

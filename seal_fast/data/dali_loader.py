@@ -19,8 +19,9 @@ from .augment import PAD, crop_flip_params, epoch_indices
 from .images import MEAN, STD, load_rgb
 from .layout import Split
 
-INSTALL_HINT = ("NVIDIA DALI is not installed: pip install nvidia-dali-cuda130 (CUDA 13; see "
-                "https://docs.nvidia.com/deeplearning/dali for others), or use --loader cache or --loader torch")
+INSTALL_HINT = ("NVIDIA DALI is not installed: pip install nvidia-dali-cuda130 (or pip install -e '.[dali]'; "
+                "CUDA 13; see https://docs.nvidia.com/deeplearning/dali for others), or use --loader cache or "
+                "--loader torch")
 
 
 def dali_available() -> bool:
