@@ -26,5 +26,8 @@ setup(
     entry_points={"console_scripts": [
         "seal-train=seal_fast.train:main",
         "seal-depth=seal_fast.depth:main",
+        "seal-sweep=seal_fast.sweep:main",
+        "seal-report=seal_fast.report:main",
+        "seal-data=seal_fast.data.__main__:main",
     ]},
 )

@@ -85,3 +85,18 @@ def provenance(argv: list[str] | None) -> dict:
         except (OSError, subprocess.SubprocessError):
             pass
     return info
+
+
+def lock_folder(out: Path):
+    """Hold an exclusive lock on out/.lock for the life of the process (released when it exits, even on SIGKILL):
+    two trainers never write into one folder."""
+    import fcntl
+
+    f = open(Path(out) / ".lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ConfigError(f"--out {out}: another process is training in this folder right now; wait for it, or "
+                          "choose another --out") from None
+    return f

@@ -35,7 +35,13 @@ from .models import build_model, reinit_in_place
 from .optim import SignedSGD
 from .plots import plot_curves
 from .precision import amp_dtype
-from .runtime import default_workers, make_out_folder, pick_device, provenance
+from .runtime import (
+    default_workers,
+    lock_folder,
+    make_out_folder,
+    pick_device,
+    provenance,
+)
 from .schedule import build_plan, describe
 from .step import EvalStep, TrainStep, graph_support
 from .tblog import TensorBoardLog
@@ -462,7 +468,12 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return _train(cfg, ckpt, dist, argv)
     finally:
+        while _LOCKS:  # the output folder's lock (setup_out)
+            _LOCKS.pop().close()
         distributed.shutdown()
+
+
+_LOCKS: list = []
 
 
 def setup_out(cfg: Config, resuming: bool, dist: distributed.Dist) -> Path:
@@ -471,6 +482,7 @@ def setup_out(cfg: Config, resuming: bool, dist: distributed.Dist) -> Path:
     if dist.main:
         try:
             out = prepare_out(cfg, resuming)
+            _LOCKS.append(lock_folder(out))  # held until run() returns, or the process dies
         except ConfigError as exc:
             error = str(exc)
     out, error = distributed.broadcast((out, error), dist)
