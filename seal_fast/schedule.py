@@ -117,3 +117,26 @@ def describe(cfg, plan: list[dict]) -> str:
             f"{len(early) + len(later)} tensors ({len(early)} early before '{cfg.threshold}', {len(later)} later); "
             f"{ascent} ascent epochs; momentum resets at epochs {resets[:12]}{' ...' if len(resets) > 12 else ''}; "
             f"{reinit} LLF re-initializations")
+
+
+def summary_lines(cfg, plan: list[dict]) -> list[str]:
+    """`--dry-run --summary`: the plan for a person, one line per generation (phases, lr range, resets, re-inits)."""
+    lines = [describe(cfg, plan)]
+    for g in range(cfg.generations):
+        gen = [p for p in plan if p["generation"] == g]
+        parts = []
+        for phase in ("ascent", "descent"):
+            eps = [p for p in gen if p["phase"] == phase]
+            if not eps:
+                continue
+            early = [p["groups"][0]["lr"] for p in eps]
+            later = [p["groups"][1]["lr"] for p in eps]
+            parts.append(f"{phase} epochs {eps[0]['epoch']}-{eps[-1]['epoch']} (early lr {min(early):+.4g}.."
+                         f"{max(early):+.4g} wd {eps[0]['groups'][0]['weight_decay']:g}, later lr "
+                         f"{min(later):.4g}..{max(later):.4g})")
+        resets = [p["epoch"] for p in gen if p["reset_momentum"]]
+        reinit = sum(len(p["reinit"]) for p in gen)
+        evals = sum(p["evaluate"] for p in gen)
+        lines.append(f"generation {g + 1}: " + "; ".join(parts) + f"; momentum reset at epoch(s) {resets}"
+                     + (f"; {reinit} tensors re-initialized (LLF)" if reinit else "") + f"; {evals} evaluations")
+    return lines

@@ -42,7 +42,7 @@ from .runtime import (
     pick_device,
     provenance,
 )
-from .schedule import build_plan, describe
+from .schedule import build_plan, describe, summary_lines
 from .step import EvalStep, TrainStep, graph_support
 from .tblog import TensorBoardLog
 
@@ -100,13 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
            "gen<G>-after-ascent.pt, for the studies; none: only last.pt and best.pt")
     a("--tensorboard", action="store_true", help="also write the epoch scalars for TensorBoard into --out/tb")
     a("--dry-run", action="store_true", help="print the plan, one JSON object per epoch, and exit")
+    a("--summary", action="store_true", help="with --dry-run: one readable line per generation instead of JSON")
     return p
 
 
 def parse(argv: list[str] | None) -> tuple[Config, dict, argparse.Namespace]:
     """(config, explicitly given settings, raw args). Flags the user did not give keep the preset's values."""
     args = build_parser().parse_args(argv)
-    explicit = {k: v for k, v in vars(args).items() if k not in ("resume", "dry_run", "preset")}
+    explicit = {k: v for k, v in vars(args).items() if k not in ("resume", "dry_run", "preset", "summary")}
     dry_run = getattr(args, "dry_run", False)
     preset = getattr(args, "preset", None) or ("demo" if explicit.get("data") is None and not dry_run else "paper")
     cfg = make_config(explicit, preset)
@@ -460,8 +461,13 @@ def rewrite_metrics(out: Path, history: list[dict]) -> None:
 def run(argv: list[str] | None = None) -> int:
     """The one entry point: command line -> config (and checkpoint, with --resume) -> Trainer -> fit."""
     cfg, explicit, args = parse(argv)
+    if getattr(args, "summary", False) and not getattr(args, "dry_run", False):
+        raise ConfigError("--summary goes with --dry-run (python -m seal_fast.train --dry-run --summary)")
     if getattr(args, "dry_run", False):
-        print_plan(cfg)
+        if getattr(args, "summary", False):
+            print("\n".join(summary_lines(cfg, build_plan(cfg))))
+        else:
+            print_plan(cfg)
         return 0
     cfg, ckpt = resolve_resume(args, cfg, explicit)
     dist = distributed.init(cfg.device)

@@ -160,3 +160,14 @@ def test_cli_refuses_with_one_line(cli, args, words):
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.startswith("error: ") and words in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_dry_run_summary_is_one_line_per_generation(cli):
+    res = cli("--dry-run", "--summary", "--method", "seal", "--generations", "3")
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and len(lines) == 4 and lines[0].startswith("plan: seal, 3 generation(s)")
+    assert lines[1].startswith("generation 1: descent epochs 0-159") and "ascent" not in lines[1]
+    assert lines[2].startswith("generation 2: ascent epochs 0-39 (early lr -0.001..-5e-05 wd 0,")
+    assert "descent epochs 40-159" in lines[2] and "momentum reset at epoch(s) [0, 40]" in lines[2]
+    res = cli("--summary")
+    assert res.returncode == 2 and "--summary goes with --dry-run" in res.stderr
