@@ -29,5 +29,6 @@ setup(
         "seal-sweep=seal_fast.sweep:main",
         "seal-report=seal_fast.report:main",
         "seal-data=seal_fast.data.__main__:main",
+        "seal-pof=seal_fast.pof:main",
     ]},
 )
