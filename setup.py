@@ -30,5 +30,6 @@ setup(
         "seal-report=seal_fast.report:main",
         "seal-data=seal_fast.data.__main__:main",
         "seal-pof=seal_fast.pof:main",
+        "seal-hessian=seal_fast.hessian:main",
     ]},
 )

@@ -1,0 +1,617 @@
+"""`python -m seal_fast.hessian`: the curvature of trained checkpoints (the SEAL paper's "flatter minima" claim).
+
+What is measured, exactly (so anyone can check it): the Hessian H of
+    L(theta) = mean over the sampled images of cross_entropy(model(x; theta), y)   (no label smoothing)
+with respect to every parameter of the model (BatchNorm weights and biases included), the model in eval mode
+(BatchNorm uses its running statistics, so L is a deterministic function of theta). The images are --samples
+training images, at indices i * n // samples (i = 0 .. samples-1) of the training set in the layout's order
+(classes in wnids.txt order, files sorted by name; seal_fast/data/layout.py), decoded and normalized as
+validation images are (no crop, no flip; seal_fast/data/images.py).
+
+H is never formed: every algorithm sees only v -> H v, a Hessian-vector product computed with torch.func by
+double backward through the model (vjp of grad, "reverse"; --hvp forward: jvp of grad), over chunks of
+--batch-size images whose products are summed (each chunk's loss is its summed cross-entropy / samples), so
+memory is bounded by one chunk. The algorithms are PyHessian's (Yao et al. 2020, github amirgholami/PyHessian,
+the version 0.1 the SEAL authors pinned), with its defaults:
+  top eigenvalues  power iteration, deflated by orthonormalizing against the eigenvectors already found, stopped
+                   when two consecutive Rayleigh quotients differ by less than --tol (relative) or after
+                   --max-iter products (defaults 1e-3, 100); --top N eigenvalues, found largest magnitude first
+                   and reported largest first (the same order for a Hessian at a minimum)
+  trace            Hutchinson: the mean of z^T H z over Rademacher vectors z, stopped when the running mean
+                   changes by less than --trace-tol (relative) or after --trace-max-iter vectors (1e-3, 100);
+                   relative to |previous mean| (PyHessian 0.1 omits the abs(), so a negative running mean stops it
+                   at the second vector; its later versions take abs() as here)
+  density          stochastic Lanczos quadrature: --slq-runs runs (1) of --slq-steps Lanczos steps (100) from a
+                   normalized Rademacher vector, with full reorthogonalization; the nodes are the eigenvalues of
+                   the tridiagonal matrix and the weights the squared first components of its eigenvectors. For
+                   the plot the nodes are smoothed by PyHessian's Gaussian kernel (variance 1e-5 x the spectrum's
+                   width, at least 1e-5), normalized as PyHessian's density_generate does.
+Every checkpoint is measured with the same random vectors (a generator seeded with --seed for each one).
+
+Outputs in --out: hessian.json (a list, one object per checkpoint: checkpoint, top_eigenvalues, trace {mean, std,
+stderr, samples, estimates}, density {nodes, weights}, loss, settings), spectrum.png (the density, symmetric-log eigenvalue axis,
+one line per checkpoint) and table.md (top eigenvalue and trace per checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .errors import ConfigError, DataError, SealError, cli_main
+from .runtime import free_memory, make_out_folder, pick_device
+
+Hvp = Callable[[torch.Tensor], torch.Tensor]
+
+# ----------------------------------------------------------------------------------------------
+# The images: a fixed, evenly spaced subset of the training set, as validation images
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_indices(n: int, samples: int) -> list[int]:
+    """Indices i * n // samples, i = 0 .. samples-1: evenly spread over the layout's order (so over classes)."""
+    return [i * n // samples for i in range(samples)]
+
+
+def load_samples(root: str | os.PathLike, samples: int) -> tuple[torch.Tensor, torch.Tensor, int, list[str]]:
+    """(uint8 images [S,3,H,W], int64 labels [S], training-set size n, classes) of the sampled training images."""
+    from .data.images import load_rgb
+    from .data.layout import scan_train
+
+    split = scan_train(root)
+    n = len(split.files)
+    if samples > n:
+        raise ConfigError(f"--samples {samples}: the training set of {root} has only {n} images; lower --samples")
+    idx = sample_indices(n, samples)
+    arrays = [load_rgb(split.files[i]) for i in idx]
+    for i, a in zip(idx, arrays):
+        if a.shape != arrays[0].shape:
+            raise DataError(f"{split.files[i]}: is {a.shape[1]}x{a.shape[0]} but {split.files[idx[0]]} is "
+                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; the study needs images of one size "
+                            "(Tiny-ImageNet's are all 64x64)")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([split.labels[i] for i in idx], dtype=torch.int64)
+    return images, labels, n, split.classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Hessian-vector products of the mean cross-entropy, on flat vectors
+# ----------------------------------------------------------------------------------------------
+
+
+class HessianOperator:
+    """v -> H v, H the Hessian of the mean cross-entropy of `model` (as it is: call .eval() first for the study's
+    definition) over (inputs, labels) w.r.t. every parameter, for flat vectors v in named_parameters() order.
+    Chunks of `batch_size` samples; each chunk's product is computed by torch.func and summed into the result."""
+
+    def __init__(self, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 mode: str = "reverse"):
+        if mode not in ("reverse", "forward"):
+            raise ValueError(f"mode {mode!r}: reverse (vjp of grad) or forward (jvp of grad)")
+        self.model, self.inputs, self.labels = model, inputs, labels
+        self.batch_size, self.mode = batch_size, mode
+        self.params = {n: p.detach() for n, p in model.named_parameters()}
+        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
+        self.names = list(self.params)
+        self.shapes = [self.params[n].shape for n in self.names]
+        self.numels = [self.params[n].numel() for n in self.names]
+        self.dim = sum(self.numels)
+        first = self.params[self.names[0]]
+        self.dtype, self.device = first.dtype, first.device
+        self.count = 0  # products computed so far
+
+    def flat_params(self) -> torch.Tensor:
+        return self.flatten(self.params)
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views into v, one per parameter (no copy)."""
+        return {n: t.view(s) for n, t, s in zip(self.names, torch.split(v, self.numels), self.shapes)}
+
+    def _chunk_loss(self, params, x, y):
+        logits = torch.func.functional_call(self.model, (params, self.buffers), (x,))
+        return F.cross_entropy(logits, y, reduction="sum") / len(self.labels)
+
+    def chunks(self):
+        for lo in range(0, len(self.labels), self.batch_size):
+            yield self.inputs[lo:lo + self.batch_size], self.labels[lo:lo + self.batch_size]
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        """L at the model's parameters (mean cross-entropy over all the samples)."""
+        return float(sum(self._chunk_loss(self.params, x, y) for x, y in self.chunks()))
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape != (self.dim,):
+            raise ValueError(f"expected a flat vector of {self.dim} entries, got {tuple(v.shape)}")
+        tangents = self.unflatten(v.to(self.dtype))
+        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        out_views = self.unflatten(out)
+        for x, y in self.chunks():
+            grad_fn = torch.func.grad(lambda p: self._chunk_loss(p, x, y))  # noqa: B023 - used at once
+            if self.mode == "reverse":
+                _, pullback = torch.func.vjp(grad_fn, self.params)
+                hv = pullback(tangents)[0]
+            else:
+                with warnings.catch_warnings():  # torch's forward-AD decompositions still call torch.jit.script
+                    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+                    hv = torch.func.jvp(grad_fn, (self.params,), (tangents,))[1]
+            for n in self.names:
+                out_views[n].add_(hv[n])
+            del hv
+        self.count += 1
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The algorithms (PyHessian's), on any symmetric operator given as v -> H v
+# ----------------------------------------------------------------------------------------------
+
+
+def _normalize(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm()
+
+
+def _orthonormalize(v: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """v made orthogonal to the rows of `basis` (orthonormal), then normalized; Gram-Schmidt twice ("twice is
+    enough"), which in exact arithmetic is PyHessian's single pass."""
+    if basis is not None and len(basis):
+        for _ in range(2):
+            v = v - basis.T @ (basis @ v)
+    return _normalize(v)
+
+
+def _rademacher(dim: int, gen: torch.Generator, dtype, device) -> torch.Tensor:
+    return torch.randint(0, 2, (dim,), generator=gen, device=device).to(dtype).mul_(2).sub_(1)
+
+
+def _bar(total: int, desc: str):
+    return tqdm(total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True, file=sys.stderr)
+
+
+@dataclass
+class Eigen:
+    values: list[float]       # in the order found (largest magnitude first)
+    iterations: list[int]     # products used for each
+    converged: list[bool]     # relative change < tol before max_iter
+    vectors: torch.Tensor     # [top, dim], orthonormal rows
+
+
+def top_eigenvalues(hvp: Hvp, dim: int, top: int = 1, max_iter: int = 100, tol: float = 1e-3,
+                    gen: torch.Generator | None = None, dtype=torch.float32, device="cpu", desc: str = "") -> Eigen:
+    """PyHessian's hessian.eigenvalues: for each of the top eigenvalues, power iteration from a normalized Gaussian
+    vector, orthonormalized against the eigenvectors found before every product; the estimate is the Rayleigh
+    quotient v^T H v, stopped when |previous - estimate| / (|previous| + 1e-6) < tol. (PyHessian returns the
+    estimate before the last; this returns the last, which differs from it by less than tol.)"""
+    if not 1 <= top <= dim:
+        raise ConfigError(f"--top {top}: choose 1 to {dim} (the number of parameters)")
+    values, iters, conv = [], [], []
+    basis = torch.empty(0, dim, dtype=dtype, device=device)
+    for k in range(top):
+        v = _normalize(torch.randn(dim, generator=gen, dtype=dtype, device=device))
+        estimate, done, used = None, False, 0
+        with _bar(max_iter, f"{desc}eigenvalue {k + 1}/{top}") as bar:
+            for _ in range(max_iter):
+                v = _orthonormalize(v, basis)
+                hv = hvp(v)
+                current = float(torch.dot(hv, v))
+                used += 1
+                bar.update()
+                bar.set_postfix(eigenvalue=f"{current:.5g}", refresh=False)
+                v = _normalize(hv)
+                if estimate is not None and abs(estimate - current) / (abs(estimate) + 1e-6) < tol:
+                    estimate, done = current, True
+                    break
+                estimate = current
+        values.append(estimate)
+        iters.append(used)
+        conv.append(done)
+        basis = torch.cat([basis, _orthonormalize(v, basis)[None]])
+    return Eigen(values, iters, conv, basis)
+
+
+@dataclass
+class Trace:
+    estimates: list[float]    # z^T H z, one per Rademacher vector
+    converged: bool
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.estimates))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.estimates, ddof=1)) if len(self.estimates) > 1 else 0.0
+
+    @property
+    def stderr(self) -> float:
+        """The standard error of the mean: std / sqrt(vectors)."""
+        return self.std / math.sqrt(len(self.estimates))
+
+
+def hutchinson_trace(hvp: Hvp, dim: int, max_iter: int = 100, tol: float = 1e-3, gen: torch.Generator | None = None,
+                     dtype=torch.float32, device="cpu", desc: str = "") -> Trace:
+    """PyHessian's hessian.trace: z^T H z over Rademacher vectors z until the running mean changes by less than tol
+    (relative: |mean - previous mean| / (|previous mean| + 1e-6), the first previous mean being 0)."""
+    estimates, previous = [], 0.0
+    with _bar(max_iter, f"{desc}trace") as bar:
+        for _ in range(max_iter):
+            z = _rademacher(dim, gen, dtype, device)
+            estimates.append(float(torch.dot(hvp(z), z)))
+            mean = float(np.mean(estimates))
+            bar.update()
+            bar.set_postfix(trace=f"{mean:.5g}", refresh=False)
+            if abs(mean - previous) / (abs(previous) + 1e-6) < tol:
+                return Trace(estimates, True)
+            previous = mean
+    return Trace(estimates, False)
+
+
+def lanczos(hvp: Hvp, v0: torch.Tensor, steps: int, bar=None) -> tuple[list[float], list[float]]:
+    """Lanczos with full reorthogonalization from v0 (normalized here): (alphas [m], betas [m-1]), m <= steps. Stops
+    early when the Krylov space is invariant (beta below 100 x machine epsilon x the largest |alpha| or beta so
+    far), where the quadrature is already exact; PyHessian would restart from a random vector there, which only
+    adds nodes of weight 0."""
+    dim = v0.numel()
+    steps = min(steps, dim)
+    basis = torch.empty(steps, dim, dtype=v0.dtype, device=v0.device)
+    basis[0] = _normalize(v0)
+    alphas, betas = [], []
+    eps = torch.finfo(v0.dtype).eps
+    w = None
+    for j in range(steps):
+        if j > 0:
+            beta = float(w.norm())
+            scale = max([abs(a) for a in alphas] + betas)
+            if beta <= 100 * eps * scale:
+                break
+            basis[j] = _orthonormalize(w / beta, basis[:j])
+            betas.append(beta)
+        v = basis[j]
+        hv = hvp(v)
+        alpha = float(torch.dot(hv, v))
+        alphas.append(alpha)
+        w = hv - alpha * v
+        if j > 0:
+            w = w - betas[-1] * basis[j - 1]
+        if bar is not None:
+            bar.update()
+    return alphas, betas
+
+
+def tridiagonal_quadrature(alphas: list[float], betas: list[float]) -> tuple[list[float], list[float]]:
+    """(nodes, weights): the eigenvalues of the Lanczos tridiagonal matrix and the squared first components of its
+    eigenvectors (weights sum to 1), ascending nodes, in float64."""
+    m = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        b = torch.tensor(betas, dtype=torch.float64)
+        t += torch.diag(b, 1) + torch.diag(b, -1)
+    nodes, vectors = torch.linalg.eigh(t)
+    return nodes.tolist(), (vectors[0] ** 2).tolist()
+
+
+@dataclass
+class Density:
+    nodes: list[list[float]] = field(default_factory=list)    # one list per SLQ run
+    weights: list[list[float]] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)            # Lanczos steps done in each run
+
+
+def slq_density(hvp: Hvp, dim: int, runs: int = 1, steps: int = 100, gen: torch.Generator | None = None,
+                dtype=torch.float32, device="cpu", desc: str = "") -> Density:
+    """PyHessian's hessian.density: `runs` Lanczos runs of `steps` steps from normalized Rademacher vectors."""
+    out = Density()
+    for r in range(runs):
+        v0 = _rademacher(dim, gen, dtype, device)
+        with _bar(min(steps, dim), f"{desc}density run {r + 1}/{runs}") as bar:
+            alphas, betas = lanczos(hvp, v0, steps, bar)
+        nodes, weights = tridiagonal_quadrature(alphas, betas)
+        out.nodes.append(nodes)
+        out.weights.append(weights)
+        out.steps.append(len(alphas))
+    return out
+
+
+def _support(nodes: list[list[float]], overhead: float = 0.01) -> tuple[float, float]:
+    """PyHessian's density range: the mean over runs of the smallest / largest node, widened by `overhead`."""
+    return (float(np.mean([min(n) for n in nodes])) - overhead, float(np.mean([max(n) for n in nodes])) + overhead)
+
+
+def smoothing_variance(nodes: list[list[float]], sigma_squared: float = 1e-5, overhead: float = 0.01) -> float:
+    """The variance of PyHessian's Gaussian kernel: sigma_squared x max(1, the density's range)."""
+    lam_min, lam_max = _support(nodes, overhead)
+    return sigma_squared * max(1.0, lam_max - lam_min)
+
+
+def density_curve(nodes: list[list[float]], weights: list[list[float]], grid: np.ndarray | None = None,
+                  num_bins: int = 10000, sigma_squared: float = 1e-5, overhead: float = 0.01):
+    """PyHessian's density_generate: each node a Gaussian of variance sigma_squared x max(1, width) (width: the mean
+    over runs of max node - min node, plus 2 x overhead), weighted, averaged over runs, normalized to integrate to
+    1 over PyHessian's uniform grid of num_bins points. Evaluated on `grid` (default: that uniform grid).
+    Returns (grid, density)."""
+    lam_min, lam_max = _support(nodes, overhead)
+    variance = smoothing_variance(nodes, sigma_squared, overhead)
+    uniform = np.linspace(lam_min, lam_max, num=num_bins)
+
+    def evaluate(x: np.ndarray) -> np.ndarray:
+        total = np.zeros_like(x, dtype=np.float64)
+        for nd, wt in zip(nodes, weights):
+            nd, wt = np.asarray(nd, dtype=np.float64), np.asarray(wt, dtype=np.float64)
+            for lo in range(0, len(x), 2048):
+                xs = x[lo:lo + 2048, None]
+                total[lo:lo + 2048] += (np.exp(-(xs - nd[None]) ** 2 / (2 * variance)) * wt[None]).sum(1)
+        return total / (len(nodes) * math.sqrt(2 * math.pi * variance))
+
+    norm = float(evaluate(uniform).sum() * (uniform[1] - uniform[0]))
+    grid = uniform if grid is None else np.asarray(grid, dtype=np.float64)
+    return grid, evaluate(grid) / norm
+
+
+# ----------------------------------------------------------------------------------------------
+# One checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    path: str
+    label: str
+    loss: float
+    params: int
+    eigen: Eigen
+    trace: Trace
+    density: Density
+    products: int
+    seconds: float
+
+    def to_dict(self, settings: dict) -> dict:
+        return {"checkpoint": self.path, "label": self.label, "loss": self.loss, "parameters": self.params,
+                "top_eigenvalues": self.eigen.values, "eigenvalue_iterations": self.eigen.iterations,
+                "eigenvalue_converged": self.eigen.converged,
+                "trace": {"mean": self.trace.mean, "std": self.trace.std, "stderr": self.trace.stderr,
+                          "samples": len(self.trace.estimates),
+                          "converged": self.trace.converged, "estimates": self.trace.estimates},
+                "density": {"nodes": self.density.nodes, "weights": self.density.weights,
+                            "steps": self.density.steps},
+                "hessian_vector_products": self.products, "seconds": self.seconds, "settings": settings}
+
+
+def study(op: HessianOperator, args, path: str, label: str) -> Result:
+    """Top eigenvalues, trace and density of one checkpoint's Hessian, random vectors from a generator seeded
+    with --seed (the same vectors for every checkpoint)."""
+    t0 = time.perf_counter()
+    gen = torch.Generator(device=op.device)
+    gen.manual_seed(args.seed)
+    kw = {"gen": gen, "dtype": op.dtype, "device": op.device, "desc": f"{label}: "}
+    loss = op.loss()
+    if not math.isfinite(loss):
+        raise DataError(f"{path}: the loss over the samples is {loss}: the checkpoint has diverged weights; study "
+                        "an earlier checkpoint")
+    eigen = top_eigenvalues(op, op.dim, args.top, args.max_iter, args.tol, **kw)
+    order = sorted(range(len(eigen.values)), key=lambda i: -eigen.values[i])  # largest first (found: by magnitude)
+    eigen = Eigen([eigen.values[i] for i in order], [eigen.iterations[i] for i in order],
+                  [eigen.converged[i] for i in order], eigen.vectors[order])
+    trace = hutchinson_trace(op, op.dim, args.trace_max_iter, args.trace_tol, **kw)
+    density = slq_density(op, op.dim, args.slq_runs, args.slq_steps, **kw) if args.slq_runs else Density()
+    values = eigen.values + [trace.mean] + [x for n in density.nodes for x in n]
+    if not all(math.isfinite(x) for x in values):
+        raise DataError(f"{path}: Hessian-vector products hold NaN or inf values; study an earlier checkpoint "
+                        "or use --dtype float64")
+    return Result(path, label, loss, op.dim, eigen, trace, density, op.count, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    top = max(len(r["top_eigenvalues"]) for r in rows)
+    s = rows[0]["settings"]
+    lines = [(f"Hessian of the mean cross-entropy over {s['samples']} training images ({s['data']}), eval mode, "
+              f"{s['dtype']}; trace by Hutchinson: the mean of z^T H z over Rademacher vectors z, their standard "
+              "deviation and count, and the mean's standard error."), "",
+             "| checkpoint | run | loss | top eigenvalue | " + ("top eigenvalues | " if top > 1 else "") +
+             "trace | std (vectors) | std error | products | seconds |",
+             "|---|---|---|---|" + ("---|" if top > 1 else "") + "---|---|---|---|---|"]
+    for r in rows:
+        ev = r["top_eigenvalues"]
+        t = r["trace"]
+        lines.append(f"| {r['checkpoint']} | {r['label']} | {r['loss']:.4f} | {ev[0]:.6g} | " +
+                     (", ".join(f"{x:.4g}" for x in ev) + " | " if top > 1 else "") +
+                     f"{t['mean']:.6g} | {t['std']:.3g} ({t['samples']}) | {t['stderr']:.3g} | {r['hessian_vector_products']} | "
+                     f"{r['seconds']:.1f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_outputs(out: Path, results: list[Result], settings: dict) -> list[Path]:
+    from .hessian_plots import plot_spectrum
+
+    rows = [r.to_dict(settings) for r in results]
+    tmp = out / ".hessian.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=2))
+    os.replace(tmp, out / "hessian.json")
+    write_table(rows, out / "table.md")
+    written = [out / "hessian.json", out / "table.md"]
+    if any(r["density"]["nodes"] for r in rows):
+        plot_spectrum(rows, out / "spectrum.png")
+        written.append(out / "spectrum.png")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m seal_fast.hessian",
+                                description="Top Hessian eigenvalues, trace and eigenvalue density (PyHessian's "
+                                            "algorithms) of trained checkpoints.")
+    p.add_argument("--checkpoint", nargs="+", required=True, metavar="PT",
+                   help="one or more last.pt / best.pt / gen<G>.pt files (one line each in the plot)")
+    p.add_argument("--data", metavar="DIR",
+                   help="tiny-imagenet-200 folder (default: the checkpoint's own --data, else the built-in synthetic set)")
+    p.add_argument("--samples", type=int, default=200,
+                   help="training images, at indices i * n // samples (default 200)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/hessian-<timestamp>)")
+    p.add_argument("--top", type=int, default=1, help="top eigenvalues by power iteration (default 1)")
+    p.add_argument("--max-iter", type=int, default=100, help="power-iteration products per eigenvalue (default 100)")
+    p.add_argument("--tol", type=float, default=1e-3, help="power iteration's relative tolerance (default 1e-3)")
+    p.add_argument("--trace-max-iter", type=int, default=100, help="Hutchinson vectors at most (default 100)")
+    p.add_argument("--trace-tol", type=float, default=1e-3, help="Hutchinson's relative tolerance (default 1e-3)")
+    p.add_argument("--slq-runs", type=int, default=1, help="stochastic Lanczos quadrature runs (default 1; 0: none)")
+    p.add_argument("--slq-steps", type=int, default=100, help="Lanczos steps per run (default 100)")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="images per chunk of a Hessian-vector product (memory; not the result) (default 100)")
+    p.add_argument("--hvp", choices=("reverse", "forward"), default="reverse",
+                   help="reverse: vjp of grad (double backward, default); forward: jvp of grad")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="model, images and vectors (default float32; TF32 is off on a GPU)")
+    p.add_argument("--seed", type=int, default=0, help="the random vectors (the same for every checkpoint)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p
+
+
+def check_args(args) -> None:
+    for name in ("samples", "top", "max_iter", "trace_max_iter", "slq_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.slq_runs < 0:
+        raise ConfigError(f"--slq-runs {args.slq_runs}: must be 0 or more")
+    for name in ("tol", "trace_tol"):
+        if not getattr(args, name) >= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
+    for path in args.checkpoint:
+        if not Path(path).is_file():
+            raise ConfigError(f"--checkpoint {path}: no such file (a training run writes last.pt and best.pt)")
+
+
+def load_checkpoint(path: str, device: torch.device):
+    """features.load_model, with weights that do not fit the architecture the config names turned into one line."""
+    from . import checkpoint
+    from .features import load_model
+    from .models import build_model
+
+    try:
+        return load_model(path, device)
+    except SealError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        try:
+            state = checkpoint.read(path)
+            arch = state.config.get("arch", "resnet50")
+            if not isinstance(state.model, dict) or "fc.weight" not in state.model:
+                raise DataError(f"{path}: its weights are not a seal_fast ResNet's (no fc.weight); pass a checkpoint "
+                                "written by python -m seal_fast.train")
+            try:
+                expected = build_model(arch, num_classes=state.model["fc.weight"].shape[0]).state_dict()
+            except KeyError:
+                raise DataError(f"{path}: its config names the architecture {arch!r}, which seal_fast does not "
+                                "build (resnet50, resnet18, resnet10)") from None
+            missing = [k for k in expected if k not in state.model]
+            unexpected = [k for k in state.model if k not in expected]
+            reshaped = [k for k in expected if k in state.model and
+                        tuple(getattr(state.model[k], "shape", ())) != tuple(expected[k].shape)]
+        except SealError:
+            raise
+        except Exception:  # noqa: BLE001 - the diagnosis itself failed: say what load_model said
+            raise DataError(f"{path}: cannot load its model ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0]})") from None
+        raise DataError(f"{path}: its weights are not a {arch}'s (the architecture its config names): "
+                        f"{len(missing)} tensors missing, {len(unexpected)} unexpected, {len(reshaped)} of another "
+                        f"shape{' (e.g. ' + (missing + unexpected + reshaped)[0] + ')' if missing + unexpected + reshaped else ''}; "
+                        "pass a checkpoint written by python -m seal_fast.train") from None
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    say = lambda msg: print(msg, flush=True)
+    check_args(args)
+    device = pick_device(args.device)
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    if device.type == "cuda":  # full fp32 products: TF32 convolutions / matmuls would blur small eigenvalues
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(args.seed)
+    out = make_out_folder(args.out or f"runs/hessian-{datetime.now():%Y%m%d-%H%M%S}")
+
+    models = [load_checkpoint(p, device) for p in args.checkpoint]
+    root = args.data or models[0][1].get("data")
+    if args.data is None and root is not None and not Path(root).is_dir():
+        raise DataError(f"{root}: the data folder {args.checkpoint[0]} was trained on is not there any more; pass "
+                        "--data DIR (the tiny-imagenet-200 folder)")
+    if root is None:
+        from .data.synthetic import ensure_synthetic
+
+        root = str(ensure_synthetic()[0])
+        say(f"no --data given and the checkpoint trained on the built-in synthetic set: using it ({root})")
+    images, labels, n, classes = load_samples(root, args.samples)
+    for (model, _, _), path in zip(models, args.checkpoint):
+        if model.fc.out_features != len(classes):
+            raise DataError(f"{path} predicts {model.fc.out_features} classes but {root} has {len(classes)}; "
+                            "pass the --data the checkpoint was trained on")
+    from .data.images import normalize
+
+    inputs = normalize(images, device, channels_last=False, dtype=dtype)
+    labels = labels.to(device)
+    dims = [sum(p.numel() for p in m.parameters()) for m, _, _ in models]
+    dim = max(dims)
+    need = args.slq_steps * dim * (8 if dtype == torch.float64 else 4) if args.slq_runs else 0
+    if need > 0.8 * free_memory(device):
+        raise ConfigError(f"--slq-steps {args.slq_steps}: the Lanczos basis needs {need / 1e9:.1f} GB but "
+                          f"{free_memory(device) / 1e9:.1f} GB are free on {device}; lower --slq-steps")
+    settings = {"data": str(root), "samples": args.samples, "train_images": n, "sample_indices": "i * n // samples",
+                "loss": "mean cross-entropy, no label smoothing, model in eval mode", "top": args.top,
+                "max_iter": args.max_iter, "tol": args.tol, "trace_max_iter": args.trace_max_iter,
+                "trace_tol": args.trace_tol, "slq_runs": args.slq_runs, "slq_steps": args.slq_steps,
+                "batch_size": args.batch_size, "hvp": args.hvp, "dtype": args.dtype, "seed": args.seed,
+                "device": str(device), "torch": torch.__version__}
+    say(f"Hessian of the mean cross-entropy over {args.samples} of {n} training images (indices i * {n} // "
+        f"{args.samples}) of {root}, {dim / 1e6:.2f}M parameters, {args.dtype} on {device}; products by "
+        f"{'double backward' if args.hvp == 'reverse' else 'forward-over-reverse'} in chunks of "
+        f"{min(args.batch_size, args.samples)}")
+    results = []
+    for (model, _, label), path in zip(models, args.checkpoint):
+        model = model.to(dtype).eval()
+        op = HessianOperator(model, inputs, labels, args.batch_size, args.hvp)
+        r = study(op, args, path, label)
+        results.append(r)
+        ev = ", ".join(f"{x:.5g}" for x in r.eigen.values)
+        its = "/".join(str(i) for i in r.eigen.iterations)
+        dens = (f", density: {sum(r.density.steps)} Lanczos steps, nodes {min(min(x) for x in r.density.nodes):.4g} "
+                f"to {max(max(x) for x in r.density.nodes):.4g}") if r.density.nodes else ""
+        late = "" if all(r.eigen.converged) else ", not all within --tol"
+        say(f"{label}: loss {r.loss:.4f}, top eigenvalue{'s' if args.top > 1 else ''} {ev} ({its} iterations{late}), "
+            f"trace {r.trace.mean:.5g} (std {r.trace.std:.3g} over {len(r.trace.estimates)} vectors, standard error "
+            f"{r.trace.stderr:.2g}{'' if r.trace.converged else ', not within --trace-tol'}){dens}; "
+            f"{r.products} Hessian-vector products, {r.seconds:.1f} s")
+        del op, model
+    written = write_outputs(out, results, settings)
+    say("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(run, argv, "interrupted; nothing was written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

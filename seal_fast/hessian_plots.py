@@ -1,0 +1,64 @@
+"""spectrum.png of `python -m seal_fast.hessian`: the Hessian eigenvalue density of each checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _linthresh(rows: list[dict]) -> float:
+    """The symmetric-log axis is linear within +-linthresh: the power of ten at or below the smoothing kernel's
+    standard deviation (the density has no detail finer than that)."""
+    from .hessian import smoothing_variance
+
+    sigma = min(np.sqrt(smoothing_variance(r["density"]["nodes"])) for r in rows if r["density"]["nodes"])
+    return float(10.0 ** np.floor(np.log10(sigma)))
+
+
+def _grid(lo: float, hi: float, linthresh: float, points: int = 2000) -> np.ndarray:
+    """Points evenly spaced on the symmetric-log axis between lo and hi (the density's peaks come from the nodes)."""
+    parts = [np.linspace(max(lo, -linthresh), min(hi, linthresh), 200)]
+    if hi > linthresh:
+        parts.append(np.logspace(np.log10(linthresh), np.log10(hi), points))
+    if lo < -linthresh:
+        parts.append(-np.logspace(np.log10(linthresh), np.log10(-lo), points))
+    return np.concatenate(parts)
+
+
+def plot_spectrum(rows: list[dict], path: str | os.PathLike) -> None:
+    """One line per checkpoint: PyHessian's smoothed SLQ density (hessian.density_curve) on a symmetric-log
+    eigenvalue axis and a log density axis (+1e-7, as PyHessian plots it); the top eigenvalue dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .hessian import density_curve
+    from .plots import _save
+
+    linthresh = _linthresh(rows)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for r in rows:
+        nodes, weights = r["density"]["nodes"], r["density"]["weights"]
+        if not nodes:
+            continue
+        uniform, _ = density_curve(nodes, weights)
+        flat = np.concatenate([np.asarray(n, dtype=np.float64) for n in nodes])
+        grid = np.unique(np.concatenate([uniform, _grid(uniform[0], uniform[-1], linthresh), flat]))
+        grid, density = density_curve(nodes, weights, grid=grid)
+        top, trace = r["top_eigenvalues"][0], r["trace"]["mean"]
+        (line,) = ax.plot(grid, density + 1e-7, lw=1.2, label=f"{r['label']}: top {top:.4g}, trace {trace:.4g}")
+        ax.axvline(top, color=line.get_color(), ls=":", lw=1)
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_yscale("log")
+    ax.margins(x=0.04)
+    ax.set_xlabel(f"eigenvalue (symmetric log axis, linear within ±{linthresh:.0e}: the smoothing's scale; "
+                  "dotted: top eigenvalue)", fontsize=9)
+    ax.set_ylabel("density (log scale)")
+    s = rows[0]["settings"]
+    ax.set_title(f"Hessian eigenvalue density (SLQ, {s['slq_runs']} x {s['slq_steps']} steps, "
+                 f"{s['samples']} training images)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
