@@ -16,6 +16,7 @@ setup(
         "tqdm>=4.64",
         "matplotlib>=3.7",
         "pillow>=9.4",
+        "scipy>=1.10",  # .mat files of Flowers102 / Stanford Dogs (transfer)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=1.40"],   # --loader dali (GPU JPEG decoding); CUDA 13 build
@@ -31,5 +32,7 @@ setup(
         "seal-data=seal_fast.data.__main__:main",
         "seal-pof=seal_fast.pof:main",
         "seal-hessian=seal_fast.hessian:main",
+        "seal-transfer=seal_fast.transfer:main",
+        "seal-fewshot=seal_fast.fewshot:main",
     ]},
 )

@@ -4,6 +4,9 @@
 
 Cases, each on the same random queries [Q, D] and support [N, D]:
   fused         kernels.knn.knn_topk (distance on tensor cores + top-k per tile; never Q x N)
+  fused:dist    kernels.knn.knn_distance_pass: the same kernel launch (tiles, D-loop, distance epilogue)
+                with the top-k selection replaced by a row minimum: the distance part alone (CUDA only;
+                --no-split skips it). The fused row then also shows selection_share = 1 - dist / fused.
   cdist+topk    torch.cdist then torch.topk, queries in chunks whose Q x N matrix fits --chunk-gb
   mm+topk       |q|^2 - 2 q.x^T + |x|^2 with torch.mm then torch.topk, same chunks
   faiss         faiss.knn_gpu (brute force) when faiss is installed
@@ -83,6 +86,8 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--chunk-gb", type=float, default=2.0, help="memory for one chunk's Q x N distances (baselines)")
     p.add_argument("--reps", type=int, default=10, help="timed calls (CPU) / ms of timing (CUDA: x100)")
+    p.add_argument("--no-split", dest="split", action="store_false",
+                   help="do not time the distances-only kernel (fused:dist) beside the fused one")
     args = p.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     env = environment()
@@ -92,7 +97,7 @@ def main() -> None:
         have_faiss = cuda
     except ImportError:
         have_faiss = False
-    from kernels.knn import knn_topk
+    from kernels.knn import knn_distance_pass, knn_topk
 
     rows = []
     for d in args.d:
@@ -105,7 +110,10 @@ def main() -> None:
             cases = {"cdist+topk": lambda: chunked(queries, support, args.k, chunk, "cdist"),
                      "mm+topk": lambda: chunked(queries, support, args.k, chunk, "mm")}
             if cuda:
-                cases = {"fused": lambda: knn_topk(queries, support, args.k), **cases}
+                fused = {"fused": lambda: knn_topk(queries, support, args.k)}
+                if args.split:
+                    fused["fused:dist"] = lambda: knn_distance_pass(queries, support, args.k)
+                cases = {**fused, **cases}
             if have_faiss:
                 import faiss
 
@@ -113,17 +121,21 @@ def main() -> None:
                 cases["faiss"] = lambda: faiss.knn_gpu(res, queries.float(), support.float(), args.k)
             if name != "fp32" and not cuda:
                 cases.pop("cdist+topk")  # cdist has no bf16/fp16 CPU kernel
-            reference = None
+            reference = ref_near = None
             for case, fn in cases.items():
                 try:
-                    dist, idx = fn()[:2]
+                    out = fn()
+                    dist, idx = (out, None) if case == "fused:dist" else out[:2]
                 except (RuntimeError, torch.OutOfMemoryError) as exc:
                     rows.append(dict(env, bench="knn", case=case, q=args.q, n=args.n, d=d, k=args.k, dtype=name,
                                      note=f"failed: {str(exc).splitlines()[0][:120]}"))
                     continue
                 agree = ""
-                if reference is None:
-                    reference = idx
+                if idx is None:  # distances only: its minimum must be the fused case's nearest distance
+                    agree = float(torch.isclose(dist, ref_near, rtol=1e-3, atol=1e-3).float().mean()) \
+                        if ref_near is not None else ""
+                elif reference is None:
+                    reference, ref_near = idx, dist[:, 0]
                 else:  # share of neighbours found by both this case and the first case (near-ties may differ)
                     agree = float((reference[:, :, None] == idx[:, None, :]).any(2).float().mean())
                 t = time_us(fn, warmup=2 if not cuda else 5, reps=args.reps if not cuda else 100 * args.reps)
@@ -142,8 +154,11 @@ def main() -> None:
                            default=None)
                 if best:
                     by_case["fused"]["speedup_vs_best_torch"] = best / by_case["fused"]["median_ms"]
+                if "fused:dist" in by_case:  # the share of the fused call that the top-k selection costs
+                    by_case["fused"]["selection_share"] = 1 - by_case["fused:dist"]["median_ms"] / \
+                        by_case["fused"]["median_ms"]
     print_table(rows, ["case", "d", "dtype", "median_ms", "tflops", "peak_tflops", "frac_of_peak", "extra_mem_gb",
-                       "speedup_vs_best_torch", "agree_with_first", "note"])
+                       "speedup_vs_best_torch", "selection_share", "agree_with_first", "note"])
     path = append_rows("knn", rows)
     print(f"appended {len(rows)} rows to {path} ({env['device']}, torch {env['torch']}, triton {env['triton']})")
 

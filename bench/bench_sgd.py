@@ -1,24 +1,36 @@
 """Optimizer step on ResNet-50's 161 real parameter shapes (23.9M fp32 parameters), split as the recipe
 splits them (72 early tensors ascending with wd 0, 89 later descending with wd 5e-4), momentum 0.9.
 
-    python bench/bench_sgd.py [--reps 100]
+    python bench/bench_sgd.py [--reps 100] [--no-save]
 
-Cases: SignedSGD (one fused launch) vs torch.optim.SGD with foreach=False (the published code),
-foreach=True and fused=True, each with the same two groups; the fp16 loss-scaling case (fp32 master
-weights, scaled gradients): SignedSGD.step(inv_scale) and GradScaler + SignedSGD vs GradScaler.unscale_
-+ the fused torch step. Effective GB/s counts 20 bytes per parameter (read param, grad, momentum; write
-param, momentum); the roofline beside it is a device-to-device copy moving the same 20 bytes per
-parameter, measured in the same run. Rows go to bench/results/sgd.csv.
+Cases: SignedSGD (one fused Triton launch) vs torch.optim.SGD with foreach=False (the published code),
+foreach=True and fused=True (torch._fused_sgd_, multi_tensor_apply), each with the same two groups; the
+fp16 loss-scaling case (fp32 master weights, scaled gradients): SignedSGD.step(inv_scale) and GradScaler +
+SignedSGD vs GradScaler.unscale_ + the fused torch step.
 
-Without CUDA the Triton kernel runs under TRITON_INTERPRET=1 (set here) for one correctness-checked
-step only; its time is the interpreter's, not a performance figure, and the row says so.
+Two timings on CUDA, so host and device time come apart:
+  eager  one step() per timed call (triton.testing.do_bench: CUDA events, L2 flushed between calls): what
+         a training loop without graphs pays, host launch overhead included when the host is the slower;
+  graph  the same step() captured in a CUDA graph and replayed (triton.testing.do_bench_cudagraph): the
+         device time alone, as the trainer's graphed step runs it.
+`host_us` is the host side of one eager call alone (median of single calls, synchronized before each).
+
+The primary figure is `frac_of_copy`: the time of a device-to-device copy that moves the same bytes
+(20 per parameter: read param, grad, momentum; write param, momentum), measured in the same run (the
+faster of its eager and graphed timings), divided by the case's time; `gbps` is those 20 bytes per
+parameter over the case's time. Rows go to bench/results/sgd.csv (--no-save: print only).
+
+Without CUDA the Triton kernel runs under TRITON_INTERPRET=1 (set here) for one correctness-checked step
+only; its time is the interpreter's, not a performance figure, and the row says so. No graph rows there.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,6 +45,7 @@ from seal_fast.optim import SignedSGD  # noqa: E402
 
 BYTES_PER_PARAM = 20
 EARLY_LR, LATER_LR, WD, MOMENTUM = -0.001, 0.1, 5e-4, 0.9
+INTERPRETER_NOTE = "TRITON_INTERPRET=1 on the CPU: proves it runs; not a performance figure"
 
 
 def setup(device):
@@ -58,17 +71,41 @@ def torch_sgd(params, split, **kw):
     return opt
 
 
-def max_diff_after_one_step(params, split, backend) -> float:
-    """Two steps (the second uses the momentum buffers) of SignedSGD vs torch.optim.SGD from the same state."""
+def max_diff_after_two_steps(params, split, backend, time_first=None) -> float:
+    """Two steps (the second uses the momentum buffers) of SignedSGD vs torch.optim.SGD from the same state.
+    time_first(fn), when given, runs (and times) SignedSGD's first step."""
     a = [torch.nn.Parameter(p.detach().clone()) for p in params]
     b = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for x, y, p in zip(a, b, params):
         x.grad, y.grad = p.grad.clone(), p.grad.clone()
     ours, ref = SignedSGD(groups(a, split), lr=0.1, momentum=MOMENTUM, backend=backend), torch_sgd(b, split)
-    for _ in range(2):
-        ours.step()
+    for i in range(2):
+        if i == 0 and time_first is not None:
+            time_first(ours.step)
+        else:
+            ours.step()
         ref.step()
     return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def graph_us(fn, rep_ms: int) -> dict:
+    """fn captured (unrolled) in a CUDA graph and replayed: median and 20/80% quantiles, microseconds."""
+    from triton.testing import do_bench_cudagraph
+
+    q = do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8], return_mode="median")
+    return {"median_us": q[0] * 1e3, "p20_us": q[1] * 1e3, "p80_us": q[2] * 1e3}
+
+
+def host_us(fn, trials: int = 11) -> float:
+    """Host time of one call alone (the device drained before each, so no queue back-pressure)."""
+    times = []
+    for _ in range(trials):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -87,54 +124,72 @@ def main(argv=None) -> int:
 
     rows = []
 
-    def record(case, fn, note="", reps=reps, warmup=10):
-        t = time_us(fn, warmup=warmup, reps=reps)
-        gbps = BYTES_PER_PARAM * n / (t["median_us"] * 1e-6) / 1e9
-        rows.append(dict(env, bench="sgd", case=case, params=n, tensors=len(params), **t, gbps=gbps, note=note))
-        return t["median_us"]
+    def record(case, fn, mode="eager", note="", reps=reps, warmup=10 if cuda else 2):
+        """Time fn; returns the row, or None when this mode cannot run it here (the reason is printed)."""
+        try:
+            t = time_us(fn, warmup=warmup, reps=reps) if mode == "eager" else graph_us(fn, max(reps, 5))
+        except Exception as exc:  # noqa: BLE001 - one case failing (e.g. not capturable) keeps the others
+            print(f"{case} [{mode}]: not measured: {type(exc).__name__}: {str(exc)[:200]}")
+            return None
+        row = dict(env, bench="sgd", case=case, mode=mode, params=n, tensors=len(params), **t,
+                   gbps=BYTES_PER_PARAM * n / (t["median_us"] * 1e-6) / 1e9, note=note)
+        if cuda and mode == "eager":
+            row["host_us"] = host_us(fn)
+        rows.append(row)
+        return row
+
+    def both(case, fn, note=""):
+        """Eager, and on CUDA also graph-replayed: (eager row, graph row or None)."""
+        eager = record(case, fn, note=note)
+        graph = record(f"{case} (graph replay)", fn, mode="graph", note=note) if cuda else None
+        return eager, graph
 
     # the roofline: a device-to-device copy that moves 20 bytes per parameter (10 read + 10 written)
     src = torch.empty(n * 10 // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    copy_us = record("copy (20 B/param)", lambda: dst.copy_(src))
-    copy_gbps = rows[-1]["gbps"]
+    copies = [r for r in both("copy (20 B/param)", lambda: dst.copy_(src)) if r is not None]
+    copy_us = min(r["median_us"] for r in copies)
 
-    loop_us = record("torch SGD foreach=False (published)", torch_sgd(params, split, foreach=False).step)
-    foreach_us = record("torch SGD foreach=True", torch_sgd(params, split, foreach=True).step)
+    loop = record("torch SGD foreach=False (published)", torch_sgd(params, split, foreach=False).step)
+    foreach, _ = both("torch SGD foreach=True", torch_sgd(params, split, foreach=True).step)
+    fused_opt = None
     try:
-        fused_us = record("torch SGD fused=True", torch_sgd(params, split, fused=True).step)
+        fused_opt = torch_sgd(params, split, fused=True)
+        fused_opt.step()
     except (RuntimeError, ValueError) as exc:
-        fused_us = None
+        fused_opt = None
         print(f"torch SGD fused=True unavailable on {device.type}: {exc}")
+    fused = both("torch SGD fused=True (torch._fused_sgd_)", fused_opt.step) if fused_opt is not None else (None, None)
 
     if cuda:
         ours = SignedSGD(groups(params, split), lr=0.1, momentum=MOMENTUM, backend="triton")
-        ours_us = record("SignedSGD triton", ours.step)
-        diff = max_diff_after_one_step(params, split, "triton")
+        ours_rows = both("SignedSGD triton", ours.step)
+        diff = max_diff_after_two_steps(params, split, "triton")
     else:
         ours = SignedSGD(groups(params, split), lr=0.1, momentum=MOMENTUM, backend="torch")
-        ours_us = record("SignedSGD torch reference (CPU default)", ours.step)
-        interp = SignedSGD(groups(params, split), lr=0.1, momentum=MOMENTUM, backend="triton")
-        record("SignedSGD triton (interpreter)", interp.step, reps=1, warmup=0,
-               note="TRITON_INTERPRET=1 on the CPU: proves it runs; not a performance figure")
-        diff = max_diff_after_one_step(params, split, "triton")
-    rows[-1]["note"] = (rows[-1]["note"] + "; " if rows[-1]["note"] else "") + f"max |diff| vs torch SGD {diff:.2e}"
+        ours_rows = (record("SignedSGD torch reference (CPU default)", ours.step), None)
+        # the interpreter is slow: its timed row is the first of the two checked steps, on copies
+        diff = max_diff_after_two_steps(params, split, "triton", time_first=lambda fn: record(
+            "SignedSGD triton (interpreter)", fn, reps=1, warmup=0, note=INTERPRETER_NOTE))
+    checked = ours_rows[0] if cuda and ours_rows[0] else rows[-1]  # the Triton row the comparison is about
+    checked["note"] = (checked["note"] + "; " if checked["note"] else "") + \
+        f"max |diff| vs torch SGD after 2 steps {diff:.2e}"
 
     # fp16 loss scaling: fp32 master weights, scaled gradients; scale 1.0 keeps values stable across reps
     inv = torch.ones((), device=device)
-    ours_scaled_us = record("fp16 scaling: SignedSGD.step(inv_scale) (check + fused update)",
-                            lambda: ours.step(inv_scale=inv))
+    scaled_ours, _ = both("fp16 scaling: SignedSGD.step(inv_scale) (check + fused update)",
+                          lambda: ours.step(inv_scale=inv))
     scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=10**9)
     scaler.scale(torch.ones((), device=device))  # creates the scale tensor, as scaling a loss would
-    ref_opt = torch_sgd(params, split, fused=True) if fused_us is not None else torch_sgd(params, split, foreach=True)
+    ref_opt = fused_opt if fused_opt is not None else torch_sgd(params, split, foreach=True)
 
     def unscale_then_step():
         scaler.unscale_(ref_opt)
         scaler.step(ref_opt)
         scaler.update()
 
-    ref_name = "fused" if fused_us is not None else "foreach"
-    scaled_ref_us = record(f"fp16 scaling: GradScaler.unscale_ + torch SGD {ref_name}", unscale_then_step)
+    ref_name = "fused" if fused_opt is not None else "foreach"
+    scaled_ref = record(f"fp16 scaling: GradScaler.unscale_ + torch SGD {ref_name}", unscale_then_step)
     scaler2 = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=10**9)
     scaler2.scale(torch.ones((), device=device))
 
@@ -145,12 +200,22 @@ def main(argv=None) -> int:
     record("fp16 scaling: GradScaler + SignedSGD (scaler's check, fused unscale/update)", scaler_with_ours)
 
     for r in rows:
-        r["frac_of_copy"] = r["gbps"] / copy_gbps
-    print_table(rows, ["case", "median_us", "p20_us", "p80_us", "gbps", "frac_of_copy", "note"])
+        r["frac_of_copy"] = copy_us / r["median_us"]
+    print_table(rows, ["case", "mode", "frac_of_copy", "median_us", "p20_us", "p80_us", "host_us", "gbps", "note"])
     print()
-    base = fused_us if fused_us is not None else foreach_us
-    print(f"SignedSGD: {BYTES_PER_PARAM * n / (ours_us * 1e-6) / 1e9:.0f} GB/s = {copy_us / ours_us:.2f} of the copy; {base / ours_us:.2f}x torch SGD {ref_name}; "
-          f"{loop_us / ours_us:.1f}x the per-tensor loop; fp16 case {scaled_ref_us / ours_scaled_us:.2f}x")
+
+    def frac(r):
+        return f"{r['frac_of_copy']:.2f}" if r else "n/a"
+
+    def ratio(a, b):
+        return f"{a['median_us'] / b['median_us']:.2f}x" if a and b else "n/a"
+
+    eager, graph = ours_rows
+    base_eager, base_graph = fused if fused[0] else (foreach, None)
+    print(f"SignedSGD of copy: eager {frac(eager)}, graph {frac(graph)}; vs torch SGD {ref_name}: eager "
+          f"{ratio(base_eager, eager)}, graph {ratio(base_graph, graph)}; vs the per-tensor loop {ratio(loop, eager)}; "
+          f"fp16 case {ratio(scaled_ref, scaled_ours)}"
+          + (f"; host per eager step {eager['host_us']:.0f} us" if eager and "host_us" in eager else ""))
     if cuda:
         print("targets (H100): >= 0.90 of copy, >= 1.1x fused, >= 1.3x in the fp16 case, >= 10x the loop")
     else:

@@ -1,39 +1,116 @@
-"""Fused sign-conditioned SGD with momentum: one launch updates every parameter of one dtype.
+"""Fused sign-conditioned SGD with momentum: one launch updates every (aligned) parameter of one dtype.
 
-Layout: a table of tensors and a table of chunks, not flat buffers. The parameters, gradients and
-momentum buffers stay the model's own tensors (any dense layout, channels-last included, as long as
-a parameter, its gradient and its buffer share strides); the launcher passes their addresses in an
-int64 table `ptrs[T, 3]` (param, grad, buf). Each program updates one chunk of BLOCK elements of one
-tensor: `chunks[C, 2]` = (tensor index, first element). Per tensor, `meta[T, 3]` = (numel, group,
-slot), and `fresh[slot]` = 1 restarts that tensor's momentum buffer at d_p (torch.optim.SGD's first
-step after a reset; the caller clears it after the step). Per group, `hyper[G, 2]` = (signed lr, weight decay). `scalars[3]` = (momentum, dampening,
-inverse loss scale). Everything the step reads lives in device tensors, so hyper-parameters change
-without recompiling and the launch can be captured in a CUDA graph and replayed.
+The table (`SGDTable`, built by `make_table`, the only place that knows its layout): the parameters,
+gradients and momentum buffers stay the caller's own tensors (any dense layout, channels-last included,
+as long as a parameter, its gradient and its buffer share strides). Each program of a launch updates one
+chunk of at most BLOCK elements of one tensor, described by one packed record, a row of the int64
+`records[C, RECORD]`:
 
-Loss scaling: `_nonfinite_kernel` reads the scaled gradients and sets `found_inf` (one read-only
-pass; a single launch cannot skip globally, since no program knows the others' gradients); the update
-then unscales, and skips everything when `found_inf` is set, in the same pass as the update. With
-torch.amp.GradScaler, the scaler's own check fills `found_inf` and only the update runs.
+    PARAM, GRAD, BUF   addresses of the chunk's first element in the parameter, gradient, momentum buffer
+    NUMEL              elements in this chunk (<= BLOCK)
+    GROUP              param group: row of `hyper[G, 2]` = (signed lr, weight decay)
+    RESTART            1: the momentum buffer restarts at d_p in this step (torch.optim.SGD's first step);
+                       the kernel clears it once the step is applied (kept when a scaled step is skipped)
+    SLOT, START        the chunk's tensor (index into SGDTable.params) and first element (host-side only)
+
+Every field the program needs sits in its own record, so the loads are independent (no chain of
+metadata loads); only `hyper[GROUP]` hangs off one of them. `scalars[3]` = (momentum, dampening,
+inverse loss scale), `found_inf[1]`. Everything the step reads lives in device tensors, so hyper-
+parameters change without recompiling and a launch can be captured in a CUDA graph and replayed.
+
+"Restart pending" has one live representation: the RESTART field (per chunk; all chunks of a tensor
+always agree). `SGDTable.pending()` reads it per tensor, `request_restart()` sets it, the kernel clears it
+(each program its own record's, so no program races another's read).
+
+Alignment: records are sorted into segments (dtype, aligned), one launch each. A chunk is aligned when its
+three addresses are 16-byte aligned and NUMEL is a multiple of the vector width (16 bytes: 4 fp32, 8 bf16 /
+fp16); the aligned variant tells the compiler so (`tl.multiple_of` on the pointers and on NUMEL) and its
+loads and stores are 128-bit. Chunk starts are multiples of BLOCK elements, so a tensor with aligned bases
+has every chunk aligned except, at most, its last (a length that is not a multiple of the vector width);
+views at odd offsets go to the unaligned variant whole. A model's parameters are usually one aligned launch
+(ResNet-50's 161 tensors are), plus a small unaligned one when some tensor is odd.
+
+Loss scaling: `_nonfinite_kernel` reads the scaled gradients and sets `found_inf` (one read-only pass; a
+single launch cannot skip globally, since no program knows the others' gradients); the update then
+unscales and, when `found_inf` is set, still loads but stores nothing (params, buffers, restart flags
+unchanged). With torch.amp.GradScaler, the scaler's own check fills `found_inf` and only the update runs.
+
+`step(table, ...)` is the launcher; a native backend (kernels/cuda/, not built yet) takes the same table
+and must keep the same semantics. `compile_specs()` lists every configuration `step` can launch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048
+BLOCK = 2048            # elements per program (chunk)
+NUM_WARPS = 4
+VECTOR_BYTES = 16       # 128-bit global accesses in the aligned variant
+RECORD = 8              # int64 fields per chunk record
+PARAM, GRAD, BUF, NUMEL, GROUP, RESTART, SLOT, START = range(RECORD)
+
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# the same constants inside the kernels (a @triton.jit function reads only constexpr globals)
+_R = tl.constexpr(RECORD)
+_PARAM, _GRAD, _BUF, _NUMEL = tl.constexpr(PARAM), tl.constexpr(GRAD), tl.constexpr(BUF), tl.constexpr(NUMEL)
+_GROUP, _RESTART = tl.constexpr(GROUP), tl.constexpr(RESTART)
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Its numel() elements fill one gap-free block of memory (any order of dimensions: channels-last too)."""
+    expect = 1
+    for stride, n in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expect:
+            return False
+        expect *= n
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same element order in memory: equal strides on every dimension longer than 1."""
+    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def vector_width(dtype: torch.dtype) -> int:
+    """Elements per 128-bit access."""
+    return VECTOR_BYTES // torch.empty((), dtype=dtype).element_size()
+
+
+# -- kernels ---------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _ptr(addr, DTYPE: tl.constexpr):
+def _pointer(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """An int64 address as a pointer to the parameter dtype; in the aligned variant, 16-byte aligned.
+    The hint goes on the pointer itself: on the integer it does not survive the cast."""
     if DTYPE == 0:
-        return addr.to(tl.pointer_type(tl.float32), bitcast=True)
+        ptr = addr.to(tl.pointer_type(tl.float32), bitcast=True)
     elif DTYPE == 1:
-        return addr.to(tl.pointer_type(tl.bfloat16), bitcast=True)
+        ptr = addr.to(tl.pointer_type(tl.bfloat16), bitcast=True)
     else:
-        return addr.to(tl.pointer_type(tl.float16), bitcast=True)
+        ptr = addr.to(tl.pointer_type(tl.float16), bitcast=True)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _numel(rec, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Elements in the chunk, int32. Aligned: a multiple of the vector width, so the mask `lanes < n` is
+    constant over each vector (the hint must sit on the op that makes n, not on a function argument)."""
+    n = tl.load(rec + _NUMEL).to(tl.int32)
+    if ALIGNED:
+        if DTYPE == 0:
+            n = tl.multiple_of(n, 4)
+        else:
+            n = tl.multiple_of(n, 8)
+    return n
 
 
 @triton.jit
@@ -52,91 +129,269 @@ def _narrow(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _nonfinite_kernel(ptrs, meta, chunks, scalars, found_inf, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunks + 2 * c)
-    start = tl.load(chunks + 2 * c + 1)
-    numel = tl.load(meta + 3 * t)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    g = tl.load(_ptr(tl.load(ptrs + 3 * t + 1), DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
-    g = g * tl.load(scalars + 2)
+def _nonfinite_kernel(records, scalars, found_inf, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    rec = records + tl.program_id(0) * _R
+    g_ptr = _pointer(tl.load(rec + _GRAD), DTYPE, ALIGNED)
+    mask = tl.arange(0, BLOCK) < _numel(rec, DTYPE, ALIGNED)
+    g = tl.load(g_ptr + tl.arange(0, BLOCK), mask=mask, other=0.0).to(tl.float32) * tl.load(scalars + 2)
     bad = tl.max(((g != g) | (tl.abs(g) == float("inf"))).to(tl.float32), axis=0)
     if bad > 0:
         tl.atomic_max(found_inf, bad)
 
 
 @triton.jit
-def _fused_sgd_kernel(ptrs, meta, chunks, hyper, scalars, fresh, found_inf, DTYPE: tl.constexpr,
-                      HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, SCALED: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunks + 2 * c)
-    start = tl.load(chunks + 2 * c + 1)
-    numel = tl.load(meta + 3 * t)
-    group = tl.load(meta + 3 * t + 1)
+def _fused_sgd_kernel(records, hyper, scalars, found_inf, DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                      NESTEROV: tl.constexpr, SCALED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    rec = records + tl.program_id(0) * _R
+    # independent loads: every address comes from the record; only lr / wd hang off GROUP
+    lanes = tl.arange(0, BLOCK)
+    p_ptr = _pointer(tl.load(rec + _PARAM), DTYPE, ALIGNED) + lanes
+    g_ptr = _pointer(tl.load(rec + _GRAD), DTYPE, ALIGNED) + lanes
+    n = _numel(rec, DTYPE, ALIGNED)
+    group = tl.load(rec + _GROUP)
+    mask = lanes < n
+    p = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(g_ptr, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MOMENTUM:
+        b_ptr = _pointer(tl.load(rec + _BUF), DTYPE, ALIGNED) + lanes
+        restart = tl.load(rec + _RESTART)
+        b = tl.load(b_ptr, mask=mask, other=0.0).to(tl.float32)   # loaded whatever RESTART says
     lr = tl.load(hyper + 2 * group)
     wd = tl.load(hyper + 2 * group + 1)
-    if SCALED:  # skip the whole step when any gradient was non-finite: every access masked off
-        numel = numel * (tl.load(found_inf) == 0).to(tl.int64)
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    p_ptr = _ptr(tl.load(ptrs + 3 * t), DTYPE) + offs
-    p = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
-    d = tl.load(_ptr(tl.load(ptrs + 3 * t + 1), DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
     if SCALED:
         d = d * tl.load(scalars + 2)
+        apply = tl.load(found_inf) == 0          # a skipped step loads as usual and stores nothing
+        mask = lanes < tl.where(apply, n, 0)     # (keeps n's multiple-of-vector hint)
     d = d + wd * p
     if HAS_MOMENTUM:
         momentum = tl.load(scalars)
         dampening = tl.load(scalars + 1)
-        b_ptr = _ptr(tl.load(ptrs + 3 * t + 2), DTYPE) + offs
-        if tl.load(fresh + tl.load(meta + 3 * t + 2)) != 0:
-            buf = d
-        else:
-            buf = momentum * tl.load(b_ptr, mask=mask, other=0.0).to(tl.float32) + (1.0 - dampening) * d
+        buf = tl.where(restart != 0, d, momentum * b + (1.0 - dampening) * d)
         tl.store(b_ptr, _narrow(buf, DTYPE), mask=mask)
         if NESTEROV:
             d = d + momentum * buf
         else:
             d = buf
+        if SCALED:
+            tl.store(rec + _RESTART, tl.where(apply, 0, restart))
+        else:
+            tl.store(rec + _RESTART, 0)
     tl.store(p_ptr, _narrow(p - lr * d, DTYPE), mask=mask)
 
 
-def build_chunks(numels: list[int], block: int = BLOCK, device=None) -> torch.Tensor:
-    """(tensor index, first element) of every BLOCK-sized chunk of every tensor: int64 [C, 2]."""
-    rows = [(t, s) for t, n in enumerate(numels) for s in range(0, n, block)]
-    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 2)
+# -- the table --------------------------------------------------------------------------------------
 
 
-def _check(dtype: torch.dtype, **tables) -> int:
-    if dtype not in _DTYPE_CODE:
-        raise TypeError(f"fused_sgd: parameters of dtype {dtype} are not supported (float32, bfloat16, float16)")
-    want = {"ptrs": torch.int64, "meta": torch.int64, "chunks": torch.int64, "hyper": torch.float32,
-            "scalars": torch.float32, "fresh": torch.int64, "found_inf": torch.float32}
-    for name, t in tables.items():
-        if t.dtype != want[name] or not t.is_contiguous():
-            raise TypeError(f"fused_sgd: {name} must be a contiguous {want[name]} tensor, got {t.dtype}")
-    return _DTYPE_CODE[dtype]
+@dataclass(frozen=True)
+class Segment:
+    """records[lo:hi]: chunks of one dtype, all aligned or all not; one launch."""
+    dtype: torch.dtype
+    aligned: bool
+    lo: int
+    hi: int
 
 
-def nonfinite_check(ptrs: torch.Tensor, meta: torch.Tensor, chunks: torch.Tensor, scalars: torch.Tensor,
-                    found_inf: torch.Tensor, dtype: torch.dtype, block: int = BLOCK) -> None:
-    """Set found_inf[0] to 1 if any gradient x scalars[2] (the inverse loss scale) is NaN or infinite.
-    Run it for every dtype's table before any update, then fused_sgd(..., scaled=True)."""
-    code = _check(dtype, ptrs=ptrs, meta=meta, chunks=chunks, scalars=scalars, found_inf=found_inf)
-    if chunks.shape[0]:
-        _nonfinite_kernel[(chunks.shape[0],)](ptrs, meta, chunks, scalars, found_inf, DTYPE=code, BLOCK=block)
+@dataclass(eq=False)
+class SGDTable:
+    """What one fused step reads: built by `make_table`, walked by `step`.
+
+    Holds the parameters and momentum buffers (strongly; they are the caller's state anyway) but not the
+    gradients: the caller decides when a gradient changed (SignedSGD watches them with weak references)."""
+    params: list[torch.Tensor]        # slot -> parameter
+    bufs: list[torch.Tensor]          # slot -> momentum buffer (the parameter itself without momentum)
+    groups: list[int]                 # slot -> param group
+    first_row: list[int]              # slot -> row of its first chunk in `records`
+    records: torch.Tensor             # int64 [C, RECORD] (fields above), on the parameters' device
+    segments: list[Segment]
+    hyper: torch.Tensor               # float32 [G, 2]: (signed lr, weight decay)
+    scalars: torch.Tensor             # float32 [3]: (momentum, dampening, inverse loss scale)
+    found_inf: torch.Tensor           # float32 [1]: nonzero = the last scaled step was skipped
+    momentum: bool                    # buffers exist (the momentum variant of the kernel)
+    block: int = BLOCK
+    synced: tuple | None = field(default=None)  # host copy of what hyper / scalars[:2] hold
+    views: list = field(default_factory=list, repr=False)  # records[lo:hi] of each segment, made once
+
+    def __post_init__(self):
+        self.views = [self.records[s.lo:s.hi] for s in self.segments]
+
+    @property
+    def device(self) -> torch.device:
+        return self.records.device
+
+    def pending(self) -> list[bool]:
+        """Per slot: does its momentum buffer restart at d_p on the next applied step? (reads the device)"""
+        if not self.params:
+            return []
+        rows = torch.tensor(self.first_row, dtype=torch.int64, device=self.device)
+        return [bool(f) for f in self.records[rows, RESTART].tolist()]
+
+    def restart_flags(self) -> torch.Tensor:
+        """Per slot, the RESTART field as a device int64 tensor (no host read)."""
+        rows = torch.tensor(self.first_row, dtype=torch.int64, device=self.device)
+        return self.records[rows, RESTART]
+
+    def request_restart(self) -> None:
+        """Every buffer restarts at d_p on the next applied step (in place: safe between graph replays)."""
+        self.records[:, RESTART].fill_(1)
+
+    def clear_restart(self) -> None:
+        """What the kernel does to RESTART after an applied step (for backends other than the kernel)."""
+        self.records[:, RESTART].zero_()
+
+    def set_hyperparameters(self, lrs: list[float], wds: list[float], momentum: float, dampening: float) -> bool:
+        """Copy changed values into the device tensors (host-to-device, no sync); returns whether they changed."""
+        values = (tuple(zip(map(float, lrs), map(float, wds))), float(momentum), float(dampening))
+        if values == self.synced:
+            return False
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fused_sgd: lr, weight_decay, momentum or dampening changed during CUDA graph capture; "
+                               "set them (SignedSGD.sync_hyperparameters()) before capturing or replaying")
+        self.hyper.copy_(torch.tensor(values[0], dtype=torch.float32).reshape(-1, 2), non_blocking=True)
+        self.scalars[:2].copy_(torch.tensor(values[1:], dtype=torch.float32), non_blocking=True)
+        self.synced = values
+        return True
 
 
-def fused_sgd(ptrs: torch.Tensor, meta: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor,
-              scalars: torch.Tensor, fresh: torch.Tensor, found_inf: torch.Tensor, dtype: torch.dtype,
-              momentum: bool, nesterov: bool, scaled: bool, block: int = BLOCK) -> None:
-    """One SGD step over one dtype's table. ptrs int64 [T,3]; meta int64 [T,3]; chunks int64 [C,2] (from
-    build_chunks with the same block); hyper float32 [G,2]; scalars float32 [3]; fresh int64 [slots];
-    found_inf float32 [1]. scaled: multiply gradients by scalars[2] and skip everything if found_inf."""
-    code = _check(dtype, ptrs=ptrs, meta=meta, chunks=chunks, hyper=hyper, scalars=scalars, fresh=fresh,
-                  found_inf=found_inf)
-    if chunks.shape[0]:
-        _fused_sgd_kernel[(chunks.shape[0],)](ptrs, meta, chunks, hyper, scalars, fresh, found_inf, DTYPE=code,
-                                              HAS_MOMENTUM=momentum, NESTEROV=nesterov, SCALED=scaled, BLOCK=block)
+def make_table(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor] | None,
+               groups: list[int], num_groups: int, restart=None, block: int = BLOCK) -> SGDTable:
+    """The table for one step over `params` (slot order). grads[i] and bufs[i] must have params[i]'s shape,
+    dtype, device and strides, and every parameter must be dense (non-overlapping); bufs None: no momentum.
+    restart: per slot, 1 = the buffer restarts at d_p (a list of bools or a device tensor; default all 1).
+    Hyper-parameters start unset (`set_hyperparameters`); scalars[2] (inverse loss scale) is 1."""
+    if not params:
+        raise ValueError("fused_sgd: make_table needs at least one parameter")
+    if block < VECTOR_BYTES or block & (block - 1):
+        raise ValueError(f"fused_sgd: block {block} must be a power of two >= {VECTOR_BYTES}")
+    device = params[0].device
+    momentum = bufs is not None
+    bufs = list(bufs) if momentum else list(params)
+    for i, (p, g, b) in enumerate(zip(params, grads, bufs, strict=True)):
+        if p.dtype not in _DTYPE_CODE:
+            raise TypeError(f"fused_sgd: parameters of dtype {p.dtype} are not supported (float32, bfloat16, float16)")
+        if p.device != device:
+            raise ValueError("fused_sgd: all parameters of one table must be on one device")
+        if not dense(p):
+            raise ValueError(f"fused_sgd: parameter {i} (shape {tuple(p.shape)}) is not dense")
+        for name, t in (("gradient", g), ("momentum buffer", b)):
+            if t.shape != p.shape or t.dtype != p.dtype or t.device != device or not same_layout(t, p):
+                raise ValueError(f"fused_sgd: the {name} of parameter {i} does not match it in shape, dtype, "
+                                 f"device and strides")
+    if len(groups) != len(params) or min(groups) < 0 or max(groups) >= num_groups:
+        raise ValueError("fused_sgd: one group index per parameter, each in [0, num_groups)")
+
+    # per slot, then per chunk (vectorized on the host: ResNet-50 has ~12k chunks)
+    n = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    esize = torch.tensor([p.element_size() for p in params], dtype=torch.int64)
+    vec = VECTOR_BYTES // esize
+    code = torch.tensor([_DTYPE_CODE[p.dtype] for p in params], dtype=torch.int64)
+    base = torch.tensor([[p.data_ptr(), g.data_ptr(), b.data_ptr()] for p, g, b in zip(params, grads, bufs)],
+                        dtype=torch.int64)
+    per = ((n + block - 1) // block).clamp_min(1)                # chunks per slot (an empty tensor: one, NUMEL 0)
+    slot = torch.repeat_interleave(torch.arange(len(params)), per)
+    first = torch.cumsum(per, 0) - per
+    start = (torch.arange(slot.numel()) - first[slot]) * block
+    numel = torch.minimum(n[slot] - start, torch.tensor(block))
+    addr = base[slot] + (start * esize[slot])[:, None]
+    aligned = ((addr % VECTOR_BYTES) == 0).all(1) & (numel % vec[slot] == 0)
+    flags = torch.ones(len(params), dtype=torch.int64) if restart is None else torch.as_tensor(restart)
+    if flags.shape != (len(params),):
+        raise ValueError("fused_sgd: restart must hold one flag per parameter")
+    rec = torch.zeros(slot.numel(), RECORD, dtype=torch.int64)
+    rec[:, PARAM:BUF + 1] = addr
+    rec[:, NUMEL], rec[:, GROUP], rec[:, SLOT], rec[:, START] = numel, torch.tensor(groups)[slot], slot, start
+    # segments: by dtype, aligned first; stable, so a tensor's chunks stay in order
+    key = code[slot] * 2 + (~aligned).to(torch.int64)
+    order = torch.sort(key, stable=True).indices
+    rec, key = rec[order], key[order]
+    segments, lo = [], 0
+    names = {c: dt for dt, c in _DTYPE_CODE.items()}
+    for k, count in zip(*torch.unique_consecutive(key, return_counts=True)):
+        k, count = int(k), int(count)
+        segments.append(Segment(names[k // 2], k % 2 == 0, lo, lo + count))
+        lo += count
+    rows = torch.arange(rec.shape[0])
+    first_row = torch.full((len(params),), rec.shape[0]).scatter_reduce_(0, rec[:, SLOT], rows, "amin").tolist()
+    rec = rec.to(device)
+    rec[:, RESTART] = flags.to(device=device, dtype=torch.int64)[rec[:, SLOT]]  # no host read of device flags
+    return SGDTable(params=list(params), bufs=bufs, groups=list(groups), first_row=first_row, records=rec,
+                    segments=segments, hyper=torch.zeros(num_groups, 2, dtype=torch.float32, device=device),
+                    scalars=torch.ones(3, dtype=torch.float32, device=device),
+                    found_inf=torch.zeros(1, dtype=torch.float32, device=device), momentum=momentum, block=block)
+
+
+# -- the launcher -----------------------------------------------------------------------------------
+
+
+def _update_config(dtype: torch.dtype, momentum: bool, nesterov: bool, scaled: bool, aligned: bool,
+                   block: int = BLOCK) -> dict:
+    return dict(DTYPE=_DTYPE_CODE[dtype], HAS_MOMENTUM=bool(momentum), NESTEROV=bool(nesterov and momentum),
+                SCALED=bool(scaled), ALIGNED=bool(aligned), BLOCK=block)
+
+
+def _nonfinite_config(dtype: torch.dtype, aligned: bool, block: int = BLOCK) -> dict:
+    return dict(DTYPE=_DTYPE_CODE[dtype], ALIGNED=bool(aligned), BLOCK=block)
+
+
+def nonfinite_check(table: SGDTable) -> None:
+    """Raise table.found_inf to 1 if any gradient x scalars[2] (the inverse loss scale) is NaN or infinite
+    (it never lowers it: zero it first). step(table, check=True) runs it before the update."""
+    for s, rec in zip(table.segments, table.views):
+        _nonfinite_kernel[(s.hi - s.lo,)](rec, table.scalars, table.found_inf,
+                                          num_warps=NUM_WARPS, **_nonfinite_config(s.dtype, s.aligned, table.block))
+
+
+def step(table: SGDTable, *, nesterov: bool = False, scaled: bool = False, check: bool = False) -> None:
+    """One SGD step over every chunk of the table: one launch per segment (usually one).
+
+    Needs table.hyper / scalars set (SGDTable.set_hyperparameters). scaled: gradients are multiplied by
+    scalars[2] and, if found_inf is nonzero, nothing is stored (parameters, buffers and RESTART flags keep
+    their values). check: first run the non-finite pass over every segment (it only raises found_inf: the
+    caller zeroes it), then the scaled update."""
+    if check:
+        nonfinite_check(table)
+        scaled = True
+    for s, rec in zip(table.segments, table.views):
+        _fused_sgd_kernel[(s.hi - s.lo,)](rec, table.hyper, table.scalars, table.found_inf,
+                                          num_warps=NUM_WARPS,
+                                          **_update_config(s.dtype, table.momentum, nesterov, scaled, s.aligned,
+                                                           table.block))
+
+
+# -- what the static report compiles ----------------------------------------------------------------
+
+
+# Pointer arguments a launch always passes 16-byte aligned (Triton specialises on it): fresh allocations, and
+# records[lo:hi] starts at a multiple of RECORD * 8 = 64 bytes.
+_ALIGNED_ARGS = ("records", "hyper", "scalars", "found_inf")
+
+
+def compile_specs():
+    """Every configuration `step` and `nonfinite_check` can launch, for kernels.compile_spec."""
+    from kernels.compile_spec import KernelSpec
+
+    specs = []
+    update_sig = dict(records="*i64", hyper="*fp32", scalars="*fp32", found_inf="*fp32", DTYPE="constexpr",
+                      HAS_MOMENTUM="constexpr", NESTEROV="constexpr", SCALED="constexpr", ALIGNED="constexpr",
+                      BLOCK="constexpr")
+    check_sig = dict(records="*i64", scalars="*fp32", found_inf="*fp32", DTYPE="constexpr", ALIGNED="constexpr",
+                     BLOCK="constexpr")
+    for dtype, name in _DTYPE_NAME.items():
+        for aligned in (True, False):
+            kind = "aligned" if aligned else "unaligned"
+            for momentum, nesterov in ((False, False), (True, False), (True, True)):
+                for scaled in (False, True):
+                    mode = "nesterov" if nesterov else "momentum" if momentum else "plain"
+                    label = f"fused_sgd update {name} {mode}{' scaled' if scaled else ''} {kind}"
+                    specs.append(KernelSpec(label, _fused_sgd_kernel, update_sig,
+                                            _update_config(dtype, momentum, nesterov, scaled, aligned),
+                                            num_warps=NUM_WARPS, divisible=_ALIGNED_ARGS,
+                                            facts=dict(kernel="update", dtype=name, aligned=aligned, momentum=momentum,
+                                                       nesterov=nesterov, scaled=scaled, block=BLOCK,
+                                                       vector_bytes=VECTOR_BYTES if aligned else None)))
+            specs.append(KernelSpec(f"fused_sgd nonfinite {name} {kind}", _nonfinite_kernel, check_sig,
+                                    _nonfinite_config(dtype, aligned), num_warps=NUM_WARPS,
+                                    divisible=("records", "scalars", "found_inf"),
+                                    facts=dict(kernel="nonfinite", dtype=name, aligned=aligned, block=BLOCK,
+                                               vector_bytes=VECTOR_BYTES if aligned else None)))
+    return specs

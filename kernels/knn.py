@@ -1,16 +1,30 @@
 """Fused k-nearest neighbours: distance + top-k in one pass, never building the Q x N distance matrix.
 
-Stage 1 (`_knn_kernel`): program (i, s) takes BLOCK_Q queries and the s-th slice of the support. Per
-BLOCK_N support tile it computes the squared L2 distance |q|^2 - 2 q.x + |x|^2 (or the cosine distance
-1 - q.x / (|q| |x|)), the dot products on tensor cores (tl.dot, fp32 accumulation, looping over D in
-BLOCK_D steps, the norms accumulated from the same loads), and merges the tile into the program's
-running top-k. Each candidate is one int64 key: the distance's float bits (distances are >= 0, so the
-bits order like the values) in the high 32 bits and the support index in the low 32, so one integer
-min orders by distance, then by index. The merge repeatedly moves each row's smallest tile key into
-its list in place of the list's largest, while any row still improves (at most k rounds per tile; few
-after the first tiles). Stage 2 (the launcher): torch.topk over the slices' lists, [Q, slices * k].
+Pre-pass (`_norms_kernel`): once per call, every query's and support row's squared norm |r|^2 from the inputs'
+own values, accumulated in fp64 and rounded once to fp32 (cosine: the reciprocal norm 1 / max(|r|, 1e-8)),
+Q + N floats. A duplicate pair then gets d^2 = 2 (|q|^2 - q.x) from one rounding: the dot's own error only.
 
-Extra memory: the keys, Q x slices x next_pow2(k) x 8 bytes (a few MB at Q = 10,000), never O(Q x N).
+Stage 1 (`_knn_kernel`): program (i, s) takes BLOCK_Q queries and the s-th slice of the support. Per BLOCK_N
+support tile the D-loop does only the dot products, on tensor cores (tl.dot, fp32 accumulation); the epilogue
+makes the squared L2 distance |q|^2 + |x|^2 - 2 q.x (or the cosine distance 1 - q.x / (|q| |x|)) from the
+pre-computed norms, and turns it into an int32 key: the float's bits (distances are made >= +0, NaN -> inf, so
+the bits order like the values; 0x7FFFFFFF, above every real key, marks a dropped candidate: past the slice,
+excluded). Selection: each row keeps its k best so far as int64 list entries (key << 32 | support index) and
+its threshold, the key of its current k-th best. A tile element can enter only if its key is below the
+threshold: the support is walked in increasing index, so on an equal key the list's entry (lower index) wins.
+The row minimum of the tile is the filter: a tile where no row has a candidate costs one reduction. Otherwise
+each round moves every row's smallest candidate (the lowest column among equal keys) into its list in place
+of the list's largest entry (the largest key, then the largest index) and takes the next minimum, while any
+row still has a candidate below its (falling) threshold. The list (int64, in the accumulator's layout) is in
+registers; rows past Q and slots past k hold negative entries that are never the largest, so the threshold
+is the k-th best and such rows never take a candidate.
+Stage 2 (the launcher): torch.topk over the slices' lists, [Q, slices * k], exact on the int64 keys.
+
+k > 64: the list of one pass holds 64 entries (registers); further passes find the next ranks above a lower
+bound (the previous pass's last key and index, compared as a pair, so ties across passes are exact). Each pass
+recomputes the distances: k = 100 costs two passes, k = 256 four.
+
+Extra memory: the keys, Q x slices x k x 8 bytes, and the norms, (Q + N) x 4 bytes; never O(Q x N).
 Ties: equal distances are ordered by the lower support index (the exact rule of the reference).
 fp32 inputs use TF32 tensor cores only if torch.backends.cuda.matmul.allow_tf32 is set, like torch.mm.
 Interpreter: Triton 3.8's interpreted tl.dot returns garbage for bfloat16 operands, so under
@@ -20,85 +34,166 @@ TRITON_INTERPRET=1 bf16 tiles are upcast (exactly) to fp32 before the dot; compi
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 MAX_K = 256
+K_PER_PASS = 64        # list entries one pass keeps in registers; larger k runs ceil(k / 64) passes
 _SENTINEL = 2**63 - 1  # larger than every real key: real keys have a clear sign bit and bits < 0x7FC00001 << 32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NORMS_GPU = (8, 256, 4)  # the norm pre-pass on a GPU: BLOCK_R, BLOCK_D, num_warps
 
 
 @triton.jit
-def _knn_kernel(q_ptr, x_ptr, excl_ptr, out_ptr, Q, N, D, per_split, stride_qm, stride_qd, stride_xn, stride_xd,
-                KP: tl.constexpr, COSINE: tl.constexpr, EXCLUDE: tl.constexpr, PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _norms_kernel(x_ptr, out_ptr, R, D, stride_r, stride_d, COSINE: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """out[r] = sum_d x[r, d]^2, accumulated in fp64 and rounded once to fp32 (COSINE: 1 / max(sqrt(that), 1e-8))."""
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rr < R
+    rd = tl.arange(0, BLOCK_D)
+    ptrs = x_ptr + rr[:, None].to(tl.int64) * stride_r + rd[None, :] * stride_d
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        x = tl.load(ptrs, mask=rmask[:, None] & (rd[None, :] < D - d0), other=0.0).to(tl.float64)
+        acc += tl.sum(x * x, axis=1)
+        ptrs += BLOCK_D * stride_d
+    if COSINE:
+        acc = 1.0 / tl.maximum(tl.sqrt(acc), 1e-8)
+    tl.store(out_ptr + rr, acc.to(tl.float32), mask=rmask)
+
+
+@triton.jit
+def _knn_kernel(q_ptr, x_ptr, qn_ptr, xn_ptr, lb_ptr, excl_ptr, out_ptr, Q, N, D, K, per_split,
+                stride_qm, stride_qd, stride_xn, stride_xd,
+                KP: tl.constexpr, COSINE: tl.constexpr, EXCLUDE: tl.constexpr, LOWER: tl.constexpr,
+                SELECT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+                BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
     rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = rq < Q
-    # the running list: distinct sentinels, so "the position holding the row's largest key" is unique
-    best = tl.zeros((BLOCK_Q, KP), dtype=tl.int64) + (9223372036854775807 - tl.arange(0, KP)[None, :].to(tl.int64))
+    rq_ld = tl.minimum(rq, Q - 1)            # rows past Q load row Q - 1 (never stored): no load masks
+    rd = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_N)
+    slot = tl.arange(0, KP)
+    qn = tl.load(qn_ptr + rq_ld)             # |q|^2 (cosine: 1 / |q|)
+    # The running list: slots < K start as distinct sentinels (so "the slot holding the row's largest entry" is
+    # unique); slots >= K, and every slot of a row past Q, hold negative values that are never the largest, so
+    # the threshold is the K-th best (rows past Q: -1, below every key: they never take a candidate).
+    live = qmask[:, None] & (slot[None, :] < K)
+    best = tl.where(live, 9223372036854775807 - slot[None, :].to(tl.int64), -1 - slot[None, :].to(tl.int64))
+    worst = tl.max(best, axis=1)
+    thr = (worst >> 32).to(tl.int32)
     if EXCLUDE:
-        skip = tl.load(excl_ptr + rq, mask=qmask, other=-1)
+        skip = tl.load(excl_ptr + rq_ld)
+    if LOWER:  # later pass: only (key, index) pairs above the previous pass's last one
+        lb = tl.load(lb_ptr + rq_ld)
+        lb_key = (lb >> 32).to(tl.int32)
+        lb_idx = (lb & 0xFFFFFFFF).to(tl.int32)
+    rowmin = tl.full((BLOCK_Q,), 2147483647, dtype=tl.int32)
     n_lo = pid_s * per_split
     n_hi = tl.minimum(N, n_lo + per_split)
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        nmask = rn < n_hi
+        rn = n0 + cols
+        rn_ld = tl.minimum(rn, N - 1)
+        qp = q_ptr + rq_ld[:, None].to(tl.int64) * stride_qm + rd[None, :] * stride_qd
+        xp = x_ptr + rn_ld[None, :].to(tl.int64) * stride_xn + rd[:, None] * stride_xd  # [BLOCK_D, BLOCK_N]
         acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-        qn = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        xn = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            rd = d0 + tl.arange(0, BLOCK_D)
-            dmask = rd < D
-            q = tl.load(q_ptr + rq[:, None] * stride_qm + rd[None, :] * stride_qd,
-                        mask=qmask[:, None] & dmask[None, :], other=0.0)
-            xt = tl.load(x_ptr + rn[None, :] * stride_xn + rd[:, None] * stride_xd,  # [BLOCK_D, BLOCK_N]
-                         mask=dmask[:, None] & nmask[None, :], other=0.0)
-            qf = q.to(tl.float32)
-            xf = xt.to(tl.float32)
+            if EVEN_D:
+                q = tl.load(qp)
+                xt = tl.load(xp)
+            else:
+                q = tl.load(qp, mask=rd[None, :] < D - d0, other=0.0)
+                xt = tl.load(xp, mask=rd[:, None] < D - d0, other=0.0)
             if UPCAST:  # the interpreter's bf16 tl.dot is wrong; exact upcast values give the same products
-                acc = tl.dot(qf, xf, acc, input_precision="ieee")
+                acc = tl.dot(q.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(q, xt, acc, input_precision=PRECISION)
-            qn += tl.sum(qf * qf, axis=1)
-            xn += tl.sum(xf * xf, axis=0)
+            qp += BLOCK_D * stride_qd
+            xp += BLOCK_D * stride_xd
+        xn = tl.load(xn_ptr + rn_ld)
         if COSINE:
-            den = tl.maximum(tl.sqrt(qn), 1e-8)[:, None] * tl.maximum(tl.sqrt(xn), 1e-8)[None, :]
-            dist = 1.0 - acc / den
+            dist = 1.0 - acc * (qn[:, None] * xn[None, :])
         else:
-            dist = qn[:, None] - 2.0 * acc + xn[None, :]
-        # >= 0 (rounding can go below), +0.0 rather than -0.0, NaN last: the bits then order like the values
-        dist = tl.where(dist != dist, float("inf"), tl.where(dist > 0.0, dist, 0.0))
-        key = (dist.to(tl.int32, bitcast=True).to(tl.int64) << 32) | rn[None, :].to(tl.int64)
-        drop = (nmask == 0)[None, :] | (qmask == 0)[:, None]
+            # one rounding after the exact doubling (an FMA on the GPU): a duplicate pair (|q|^2 = |x|^2) gets
+            # exactly 2 (|q|^2 - q.x), the dot's own rounding, with no extra cancellation
+            dist = (qn[:, None] + xn[None, :]) - 2.0 * acc
+        # NaN -> inf; then bits < 0 (negative rounding, -0.0) -> +0.0: the int32 bits order like the values
+        dist = tl.where(dist != dist, float("inf"), dist)
+        key = tl.maximum(dist.to(tl.int32, bitcast=True), 0)
+        drop = rn[None, :] >= n_hi
         if EXCLUDE:
             drop = drop | (rn[None, :] == skip[:, None])
-        key = tl.where(drop, 9223372036854775807, key)
-        worst = tl.max(best, axis=1)
-        low = tl.min(key, axis=1)
-        while tl.max((low < worst).to(tl.int32), axis=0) > 0:
-            take = low < worst
-            best = tl.where(take[:, None] & (best == worst[:, None]), low[:, None], best)
-            key = tl.where(key == low[:, None], 9223372036854775807, key)
-            worst = tl.max(best, axis=1)
-            low = tl.min(key, axis=1)
-    out = out_ptr + pid_s * Q * KP + rq[:, None] * KP + tl.arange(0, KP)[None, :]
-    tl.store(out, best, mask=qmask[:, None])
+        if LOWER:
+            drop = drop | (key < lb_key[:, None]) | ((key == lb_key[:, None]) & (rn[None, :] <= lb_idx[:, None]))
+        key = tl.where(drop, 2147483647, key)
+        if SELECT:
+            low = tl.min(key, axis=1)  # the filter: most tiles of a long slice stop here for most rows
+            while tl.max((low < thr).to(tl.int32), axis=0) > 0:
+                take = low < thr
+                col = tl.min(tl.where(key == low[:, None], cols[None, :], BLOCK_N), axis=1)  # lowest on ties
+                entry = (low.to(tl.int64) << 32) | (n0 + col).to(tl.int64)
+                best = tl.where(take[:, None] & (best == worst[:, None]), entry[:, None], best)
+                key = tl.where(cols[None, :] == col[:, None], 2147483647, key)
+                worst = tl.max(best, axis=1)
+                thr = (worst >> 32).to(tl.int32)
+                low = tl.min(key, axis=1)
+        else:  # benchmark: distances only, the selection reduced to each row's minimum key
+            rowmin = tl.minimum(rowmin, tl.min(key, axis=1))
+    if SELECT:
+        out = out_ptr + (pid_s * Q + rq[:, None]).to(tl.int64) * K + slot[None, :]
+        tl.store(out, best, mask=live)
+    else:
+        tl.store(out_ptr + (pid_s * Q + rq).to(tl.int64) * K, rowmin.to(tl.int64) << 32, mask=qmask)
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _blocks(kp: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_N, BLOCK_D, num_warps). Small tiles under the interpreter, where each op is numpy."""
-    if device.type != "cuda":
-        return 16, 32, 32, 4
-    block_q = 64 if kp <= 64 else (32 if kp <= 128 else 16)
-    return block_q, 128, 64, 8
+@dataclass(frozen=True)
+class Config:
+    """What the launcher picks for one call: tile, warps, pipeline stages."""
+    block_q: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def list_slots(k: int) -> int:
+    """KP: the power of two >= the list length of one pass (k, at most K_PER_PASS), at least 16."""
+    return max(16, triton.next_power_of_2(min(k, K_PER_PASS)))
+
+
+def pick_config(dtype: torch.dtype, precision: str | None, kp: int, aligned: bool = True, gpu: bool = True) -> Config:
+    """The launcher's table, by input dtype, dot precision ("ieee" / "tf32" for fp32, None for 16-bit), list slots
+    KP and whether rows are 16-byte aligned (unit stride along D, row strides and base pointers multiples of 16:
+    128-bit cp.async copies; otherwise element-wise loads through registers, so short BLOCK_D steps).
+    Registers bound it: the accumulator (BLOCK_Q x BLOCK_N fp32) and the list (BLOCK_Q x KP int64) live in
+    registers, and two blocks must share an SM (<= 255 registers at 4 warps) so that one block's selection
+    overlaps the other's MMAs. BLOCK_Q = 64 with 4 warps is one warpgroup: wgmma (M = 64) for every k, and every
+    row of a tile inside one warp, so the selection's row reductions are warp shuffles without shared memory.
+    Under the interpreter (gpu=False): small tiles, where each op is numpy."""
+    if not gpu:
+        return Config(16, 32, 32, 4, 1)
+    if dtype == torch.float32 and precision == "ieee":  # CUDA-core FMA dot: operands in registers, small steps
+        return Config(32, 64, 16 if aligned else 8, 4, 2)
+    block_n = 128 if kp <= 32 else 64                  # KP = 64: the list takes the accumulator's registers
+    if not aligned:
+        return Config(64, block_n, 16 if block_n == 128 or dtype == torch.float32 else 32, 4, 3)
+    return Config(64, block_n, 32 if dtype == torch.float32 else 64, 4, 3)  # tf32: 4-byte elements, 128-byte rows
+
+
+def _precision(dtype: torch.dtype) -> str | None:
+    """16-bit inputs: tensor cores (Triton's default); fp32: exact unless torch allows TF32, like torch.mm."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return None
 
 
 def _check(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str, exclude, pad: bool) -> None:
@@ -138,6 +233,50 @@ def decode(keys: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]
     return dist.masked_fill(missing, float("inf")), idx.masked_fill(missing, -1)
 
 
+def _norms(x: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """fp32 [rows]: |x_r|^2, or 1 / max(|x_r|, 1e-8) for cosine (the pre-pass, one small launch)."""
+    r, d = x.shape
+    out = torch.empty(r, dtype=torch.float32, device=x.device)
+    block_r, block_d, warps = (16, 32, 4) if x.device.type != "cuda" else _NORMS_GPU
+    _norms_kernel[(triton.cdiv(r, block_r),)](x, out, r, d, x.stride(0), x.stride(1), COSINE=cosine,
+                                              BLOCK_R=block_r, BLOCK_D=block_d,
+                                              **({} if _interpreted() else {"num_warps": warps}))
+    return out
+
+
+def _aligned(x: torch.Tensor) -> bool:
+    """Rows the kernel can copy 16 bytes at a time: unit stride along D, 16-aligned row stride and base (what
+    Triton's launch specialisation sees: an integer divisible by 16, a 16-byte aligned pointer)."""
+    return x.stride(1) == 1 and x.stride(0) % 16 == 0 and x.data_ptr() % 16 == 0
+
+
+def _stage1(queries, support, qn, xn, k, cosine, exclude, lower, splits, select=True):
+    """One pass of the fused kernel: [Q, slices * k] int64 keys (each slice's list unsorted)."""
+    (q, d), n = queries.shape, support.shape[0]
+    precision = _precision(queries.dtype)
+    kp = list_slots(k)
+    cfg = pick_config(queries.dtype, precision, kp, _aligned(queries) and _aligned(support),
+                      gpu=queries.device.type == "cuda")
+    q_blocks = triton.cdiv(q, cfg.block_q)
+    if splits is None:
+        target = 4 * torch.cuda.get_device_properties(queries.device).multi_processor_count \
+            if queries.device.type == "cuda" else 1
+        splits = max(1, min(triton.cdiv(n, cfg.block_n), triton.cdiv(target, q_blocks)))
+    per_split = triton.cdiv(triton.cdiv(n, splits), cfg.block_n) * cfg.block_n
+    splits = triton.cdiv(n, per_split)
+    width = k if select else 1
+    keys = torch.empty(splits, q, width, dtype=torch.int64, device=queries.device)
+    any_ptr = keys  # any pointer; not read without EXCLUDE / LOWER
+    _knn_kernel[(q_blocks, splits)](
+        queries, support, qn, xn, lower if lower is not None else any_ptr, exclude if exclude is not None else any_ptr,
+        keys, q, n, d, width, per_split, queries.stride(0), queries.stride(1), support.stride(0), support.stride(1),
+        KP=kp, COSINE=cosine, EXCLUDE=exclude is not None, LOWER=lower is not None, SELECT=select,
+        PRECISION=precision, UPCAST=_interpreted() and queries.dtype == torch.bfloat16, EVEN_D=d % cfg.block_d == 0,
+        BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        **({} if _interpreted() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+    return keys.permute(1, 0, 2).reshape(q, splits * width)
+
+
 def knn_topk(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str = "l2",
              exclude: torch.Tensor | None = None, pad: bool = False, splits: int | None = None,
              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,29 +297,85 @@ def knn_topk(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str =
         from .reference import knn_topk_ref
 
         return knn_topk_ref(queries, support, k, metric, exclude, compute_dtype=torch.float32)
-    (q, d), n = queries.shape, support.shape[0]
-    kp = max(16, triton.next_power_of_2(k))
-    block_q, block_n, block_d, warps = _blocks(kp, queries.device)
-    q_blocks = triton.cdiv(q, block_q)
-    if splits is None:
-        target = 4 * torch.cuda.get_device_properties(queries.device).multi_processor_count \
-            if queries.device.type == "cuda" else 1
-        splits = max(1, min(triton.cdiv(n, block_n), triton.cdiv(target, q_blocks)))
-    per_split = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
-    splits = triton.cdiv(n, per_split)
-    keys = torch.empty(splits, q, kp, dtype=torch.int64, device=queries.device)
-    precision = None  # 16-bit inputs: tensor cores (Triton's default); fp32: exact unless torch allows TF32
-    if queries.dtype == torch.float32:
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    excl = exclude if exclude is not None else keys  # any pointer; not read without EXCLUDE
-    _knn_kernel[(q_blocks, splits)](
-        queries, support, excl, keys, q, n, d, per_split, queries.stride(0), queries.stride(1),
-        support.stride(0), support.stride(1), KP=kp, COSINE=metric == "cosine", EXCLUDE=exclude is not None,
-        PRECISION=precision, UPCAST=_interpreted() and queries.dtype == torch.bfloat16, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
-        **({} if _interpreted() else {"num_warps": warps}))
-    keys = keys.permute(1, 0, 2).reshape(q, splits * kp)
-    keys = torch.topk(keys, k, dim=1, largest=False, sorted=True).values  # the lists come unsorted
-    return decode(keys, metric)
+    cosine = metric == "cosine"
+    qn, xn = _norms(queries, cosine), _norms(support, cosine)
+    found, lower = [], None
+    for lo in range(0, k, K_PER_PASS):  # one pass for k <= K_PER_PASS
+        part = min(K_PER_PASS, k - lo)
+        keys = _stage1(queries, support, qn, xn, part, cosine, exclude, lower, splits)
+        keys = torch.topk(keys, part, dim=1, largest=False, sorted=True).values  # the lists come unsorted
+        found.append(keys)
+        lower = keys[:, -1].contiguous()  # the next pass takes only pairs (key, index) above this one
+    return decode(found[0] if len(found) == 1 else torch.cat(found, 1), metric)
+
+
+def knn_distance_pass(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str = "l2") -> torch.Tensor:
+    """Benchmark probe (bench/bench_knn.py): the kernel knn_topk launches for this k, with the same tiles,
+    D-loop and distance epilogue, but the selection replaced by each row's running minimum: float32 [Q], the
+    nearest distance of each query (= knn_topk(...)[0][:, 0]). Its time is knn_topk's without the top-k."""
+    _check(queries, support, k, metric, None, False)
+    cosine = metric == "cosine"
+    qn, xn = _norms(queries, cosine), _norms(support, cosine)
+    keys = _stage1(queries, support, qn, xn, min(k, K_PER_PASS), cosine, None, None, None, select=False)
+    return decode(keys.min(dim=1).values, metric)[0]
+
+
+def compile_specs() -> list:
+    """Every configuration the launcher can pick on a GPU (bench/kernel_report.py compiles them for sm_90), from
+    the same table (list_slots, pick_config, _precision): per input dtype and dot precision, each list-size
+    bucket (k = 10, 30, 64: KP 16 / 32 / 64), the later passes of k > 64 (LOWER), cosine with exclude on a D
+    that is not a multiple of BLOCK_D (masked loads), rows that are not 16-byte aligned (e.g. D = 2065), the
+    benchmark's distances-only variant, and the norm pre-pass. Aligned specs: unit stride along D (the launch
+    specialises a stride of 1 to a constant), 16-aligned pointers, row strides and D, as [*, 2048] tensors."""
+    from .compile_spec import KernelSpec
+
+    specs = []
+    kinds = [("fp32", torch.float32, "ieee"), ("fp32", torch.float32, "tf32"), ("bf16", torch.bfloat16, None),
+             ("fp16", torch.float16, None)]
+    for name, dtype, precision in kinds:
+        tag = f"{name}-{precision}" if precision else name
+        variants = [{"k": k} for k in (10, 30, 64)]
+        variants += [{"k": MAX_K, "lower": True}, {"k": 30, "cosine": True, "exclude": True, "even_d": False},
+                     {"k": 30, "aligned": False, "even_d": False}, {"k": 64, "aligned": False, "even_d": False},
+                     {"k": 30, "select": False}]
+        for v in variants:
+            k, lower, cosine = v["k"], v.get("lower", False), v.get("cosine", False)
+            exclude, even_d, select = v.get("exclude", False), v.get("even_d", True), v.get("select", True)
+            aligned = v.get("aligned", True)
+            kp = list_slots(k)
+            cfg = pick_config(dtype, precision, kp, aligned)
+            sig = {"q_ptr": f"*{name}", "x_ptr": f"*{name}", "qn_ptr": "*fp32", "xn_ptr": "*fp32", "lb_ptr": "*i64",
+                   "excl_ptr": "*i64", "out_ptr": "*i64", "Q": "i32", "N": "i32", "D": "i32", "K": "i32",
+                   "per_split": "i32", "stride_qm": "i32", "stride_qd": "constexpr", "stride_xn": "i32",
+                   "stride_xd": "constexpr"}
+            const = {"stride_qd": 1, "stride_xd": 1, "KP": kp, "COSINE": cosine, "EXCLUDE": exclude, "LOWER": lower,
+                     "SELECT": select, "PRECISION": precision, "UPCAST": False, "EVEN_D": even_d,
+                     "BLOCK_Q": cfg.block_q, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}
+            sig.update({n: "constexpr" for n in const})
+            divisible = ("qn_ptr", "xn_ptr", "lb_ptr", "excl_ptr", "out_ptr", "per_split")
+            divisible += ("q_ptr", "x_ptr", "stride_qm", "stride_xn", "D") if aligned else ()
+            label = (f"knn {tag} k{k}" + (" later-pass" if lower else "") + (" cosine exclude" if cosine else "")
+                     + ("" if aligned else " unaligned") + ("" if even_d or not aligned else " ragged-D")
+                     + ("" if select else " distances-only"))
+            specs.append(KernelSpec(label, _knn_kernel, sig, const, num_warps=cfg.num_warps,
+                                    num_stages=cfg.num_stages, divisible=divisible,
+                                    facts={"kernel": "knn", "dtype": name, "precision": precision or name, "k": k,
+                                           "kp": kp, "metric": "cosine" if cosine else "l2", "exclude": exclude,
+                                           "later_pass": lower, "select": select, "even_d": even_d,
+                                           "aligned": aligned, "tensor_cores": precision != "ieee",
+                                           "tile": [cfg.block_q, cfg.block_n, cfg.block_d]}))
+    for name in ("fp32", "bf16", "fp16"):
+        for cosine in (False, True):
+            block_r, block_d, warps = _NORMS_GPU
+            specs.append(KernelSpec(
+                f"norms {name}" + (" cosine" if cosine else ""), _norms_kernel,
+                {"x_ptr": f"*{name}", "out_ptr": "*fp32", "R": "i32", "D": "i32", "stride_r": "i32",
+                 "stride_d": "constexpr", "COSINE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+                {"stride_d": 1, "COSINE": cosine, "BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=warps,
+                divisible=("x_ptr", "out_ptr", "stride_r", "D"),
+                facts={"kernel": "norms", "dtype": name, "metric": "cosine" if cosine else "l2",
+                       "tensor_cores": False}))
+    return specs
 
 
 def vote(neighbour_labels: torch.Tensor, num_classes: int) -> torch.Tensor:

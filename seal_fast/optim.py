@@ -4,29 +4,71 @@
     opt.param_groups[0]["lr"] = -0.001      # ascent for this group from the next step on
     opt.reset_momentum()                    # == rebuilding torch.optim.SGD: buffers restart at d_p
 
-- backend "triton": kernels/fused_sgd.py, one launch per parameter dtype for all groups (CUDA, or the
+- backend "triton": kernels/fused_sgd.py, one launch per parameter dtype for all groups (a second, small
+  one when some tensor is not 16-byte aligned or its length not a multiple of 16 bytes) (CUDA, or the
   CPU under TRITON_INTERPRET=1); "torch": kernels/reference.py; "auto": triton on CUDA, torch on CPU;
-  "cuda" (a native extension) is not built in this project yet.
+  "cuda" (a native extension) is not built in this project yet. Both backends walk the same table
+  (kernels.fused_sgd.SGDTable, made by kernels.fused_sgd.make_table).
 - momentum, dampening and nesterov are shared by all groups; lr and weight_decay are per group.
 - Hyper-parameters live in device tensors. `step()` copies changed group values there (a host-to-device
   copy, no sync); to replay a captured CUDA graph with new values, call `sync_hyperparameters()` before
   the replay (outside the graph). Momentum buffers are allocated once and reset in place.
+- The table is rebuilt only when it stops describing the tensors; the per-step check is O(1) in the
+  parameters (O(groups)): a watched gradient was freed (set to None, or replaced by a new tensor: a weak
+  reference tells us), a parameter that had no gradient got one, a group or its list of parameters
+  changed, momentum was switched on or off. Not seen: a gradient replaced while something else keeps the
+  old one alive, or a parameter's storage swapped (`p.data = ...`); change parameters and gradients in
+  place (zero_grad() does), or call `invalidate()`.
+- "Restart pending" (the next step starts a buffer at d_p): the RESTART flags of the table while a
+  parameter is in it; `momentum_buffer` None in the state otherwise (torch.optim.SGD's own form, what
+  state_dict() exports either way).
 - state_dict()/load_state_dict() use torch.optim.SGD's format (`momentum_buffer` per parameter, None
   where the buffer restarts), so either optimizer loads the other's checkpoints.
 - Loss scaling: with torch.amp.GradScaler, the scaler's inf check fills `found_inf` and the fused pass
   unscales, skips or updates. Without one, `step(inv_scale=t)` runs a non-finite check pass and the
-  fused update; `found_inf_flag` (device tensor) says whether the step was skipped. No `.item()`.
+  fused update; `found_inf_flag` (device tensor, nonzero = skipped) says whether a scaled step was skipped.
+  No `.item()`.
 - `zero_grad()` zeroes gradients in place by default (their addresses stay valid for the fused table
   and a captured graph); `zero_grad(set_to_none=True)` frees them, and the next step rebuilds the table.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from kernels.reference import signed_sgd_ref
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class _Watch:
+    """Whether the table still describes the optimizer's tensors, answered without walking the parameters."""
+
+    __slots__ = ("__weakref__", "_lists", "_momentum", "_refs", "_without_grad", "dirty")
+
+    def __init__(self, param_groups, grads, without_grad, momentum: bool):
+        self.dirty = False
+        self._refs = [weakref.ref(g, self._freed) for g in grads]  # fires when a gradient is freed
+        self._lists = [(g["params"], len(g["params"])) for g in param_groups]
+        self._without_grad = without_grad
+        self._momentum = momentum
+
+    def _freed(self, _ref) -> None:
+        self.dirty = True
+
+    def valid(self, param_groups, momentum: bool) -> bool:
+        if self.dirty or momentum != self._momentum or len(param_groups) != len(self._lists):
+            return False
+        for g, (params, n) in zip(param_groups, self._lists):
+            if g["params"] is not params or len(params) != n:
+                return False
+        return all(p.grad is None for p in self._without_grad)
 
 
 class SignedSGD(torch.optim.Optimizer):
@@ -46,8 +88,14 @@ class SignedSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov))
         self.backend = backend
-        self._table = None
-        self.found_inf_flag = None
+        self._table = None    # kernels.fused_sgd.SGDTable of the parameters that have gradients
+        self._watch = None    # _Watch: is that table still valid
+        self._owned = {}      # parameter -> the momentum buffer this optimizer allocated for it
+
+    @property
+    def found_inf_flag(self) -> torch.Tensor | None:
+        """float32 [1] on the device: nonzero when the last scaled step was skipped (None before a step)."""
+        return self._table.found_inf if self._table is not None else None
 
     # -- shared settings ------------------------------------------------------------------------
     def _shared(self) -> tuple[float, float, bool]:
@@ -65,102 +113,86 @@ class SignedSGD(torch.optim.Optimizer):
         return self.backend == "triton"
 
     # -- the table of tensors the fused step walks -----------------------------------------------
-    def _params_with_grad(self):
-        return [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"] if p.grad is not None]
+    def invalidate(self) -> None:
+        """Rebuild the table at the next step (after replacing tensors in ways the O(1) check cannot see)."""
+        if self._watch is not None:
+            self._watch.dirty = True
 
-    def _build(self, entries) -> dict:
-        from kernels.fused_sgd import build_chunks
+    def _current_table(self, momentum: float):
+        w = self._watch
+        if w is not None and w.valid(self.param_groups, momentum != 0):
+            return self._table
+        if _capturing():
+            raise RuntimeError("SignedSGD: the parameters or gradients changed during CUDA graph capture; run one "
+                               "eager step first and keep the gradients (zero_grad() zeroes them in place)")
+        return self._rebuild(momentum)
 
-        momentum, _, _ = self._shared()
+    def _rebuild(self, momentum: float):
+        from kernels.fused_sgd import make_table, same_layout
+
+        entries = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"] if p.grad is not None]
+        old = self._table
+        keep = {p for _, p in entries}
+        if old is not None and old.momentum:  # restarts pending for parameters that leave the table go to the state
+            leaving = [i for i, p in enumerate(old.params) if p not in keep or momentum == 0]
+            if leaving:
+                pending = old.pending()
+                for i in leaving:
+                    if pending[i]:
+                        self._drop_buffer(old.params[i])
+        self._table, self._watch = None, None
+        if not entries:
+            return None
         device = entries[0][1].device
         if any(p.device != device for _, p in entries):
             raise ValueError("SignedSGD: all parameters must be on one device")
-        for _, p in entries:
-            if p.grad.stride() != p.stride():  # keep the gradient in the parameter's layout from now on
+        params = [p for _, p in entries]
+        for p in params:
+            if not same_layout(p.grad, p):  # keep the gradient in the parameter's layout from now on
                 p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(p.grad)
-        fresh = []
-        for _, p in entries:
-            state = self.state[p]
-            loaded = state.get("momentum_buffer")
-            if momentum == 0:
-                buf, new = p, True  # unused: no buffers without momentum (like torch.optim.SGD)
-            elif isinstance(loaded, torch.Tensor) and loaded.data_ptr() == state.get("_owned", -1):
-                buf, new = loaded, bool(state.get("_fresh_on_build", False))
-            else:
-                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                new = not isinstance(loaded, torch.Tensor)
-                if not new:
-                    buf.copy_(loaded)
-                state["momentum_buffer"], state["_owned"] = buf, buf.data_ptr()
-            state.pop("_fresh_on_build", None)
-            fresh.append(new)
-        table = {"device": device, "entries": entries, "momentum": momentum,
-                 "grad_ptrs": [p.grad.data_ptr() for _, p in entries],
-                 "fresh": torch.tensor(fresh, dtype=torch.int64, device=device),
-                 "hyper": torch.zeros(len(self.param_groups), 2, dtype=torch.float32, device=device),
-                 "hyper_values": None,
-                 "scalars": torch.ones(3, dtype=torch.float32, device=device),
-                 "found_inf": torch.zeros(1, dtype=torch.float32, device=device),
-                 "by_dtype": {}}
-        if self._use_triton(device):
-            for dtype in sorted({p.dtype for _, p in entries}, key=str):
-                idx = [i for i, (_, p) in enumerate(entries) if p.dtype == dtype]
-                table["by_dtype"][dtype] = {
-                    "ptrs": torch.tensor([[entries[i][1].data_ptr(), entries[i][1].grad.data_ptr(),
-                                           self._buf(entries[i][1]).data_ptr()] for i in idx],
-                                         dtype=torch.int64, device=device),
-                    "meta": torch.tensor([[entries[i][1].numel(), entries[i][0], i] for i in idx],
-                                         dtype=torch.int64, device=device),
-                    "chunks": build_chunks([entries[i][1].numel() for i in idx], device=device),
-                }
-        self.found_inf_flag = table["found_inf"]
+        bufs, restart = None, None
+        if momentum != 0:  # restart pending: no buffer in the state (never stepped, reset, loaded as None) ...
+            restart = torch.tensor([not isinstance(self.state[p].get("momentum_buffer"), torch.Tensor)
+                                    for p in params], dtype=torch.int64).to(device)
+            bufs = [self._buffer(p) for p in params]
+            if old is not None and old.momentum:  # ... or the old table's flag, carried on the device (no host read)
+                slot = {p: i for i, p in enumerate(old.params)}
+                rows = [slot.get(p, -1) for p in params]
+                if any(r >= 0 for r in rows):
+                    index = torch.tensor(rows, dtype=torch.int64, device=device)
+                    restart = torch.where(index >= 0, old.restart_flags()[index.clamp(min=0)], restart)
+        grads = [p.grad for p in params]
+        table = make_table(params, grads, bufs, [gi for gi, _ in entries], len(self.param_groups), restart=restart)
+        without = [p for g in self.param_groups for p in g["params"] if p.grad is None]
+        self._table, self._watch = table, _Watch(self.param_groups, grads, without, momentum != 0)
         return table
 
-    def _buf(self, p):
-        return self.state[p]["momentum_buffer"] if self._table_momentum() else p
+    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
+        """p's momentum buffer, owned by this optimizer and in p's layout (a loaded one is copied in)."""
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if isinstance(buf, torch.Tensor) and self._owned.get(p) is buf:
+            return buf
+        new = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if isinstance(buf, torch.Tensor):
+            new.copy_(buf)
+        state["momentum_buffer"] = self._owned[p] = new
+        return new
 
-    def _table_momentum(self) -> bool:
-        return self.param_groups[0]["momentum"] != 0
-
-    def _current_table(self) -> dict | None:
-        entries = self._params_with_grad()
-        if not entries:
-            return None
-        t = self._table
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        same_set = t is not None and len(t["entries"]) == len(entries) and all(
-            a[1] is b[1] and a[0] == b[0] for a, b in zip(t["entries"], entries))
-        if same_set and [p.grad.data_ptr() for _, p in entries] == t["grad_ptrs"]:
-            return t
-        if capturing:
-            raise RuntimeError("SignedSGD: the parameters or gradients changed during CUDA graph capture; run one "
-                               "eager step first and keep the gradients (zero_grad() zeroes them in place)")
-        self._stash_fresh()
-        self._table = self._build(entries)
-        return self._table
-
-    def _stash_fresh(self) -> None:
-        """Before the table is rebuilt: keep its pending buffer restarts in the per-parameter state."""
-        t = self._table
-        if t is not None:
-            for (_, p), f in zip(t["entries"], t["fresh"].tolist()):
-                if f:
-                    self.state[p]["_fresh_on_build"] = True
+    def _drop_buffer(self, p: torch.Tensor) -> None:
+        """Restart pending for a parameter outside the table: no buffer, as torch.optim.SGD would have it."""
+        st = self.state.get(p)
+        if st is not None and "momentum_buffer" in st:
+            st["momentum_buffer"] = None
+        self._owned.pop(p, None)
 
     def sync_hyperparameters(self) -> None:
         """Copy the groups' lr and weight_decay into the device table (call before replaying a graph)."""
         t = self._table
-        if t is None:
-            return
-        values = [(float(g["lr"]), float(g["weight_decay"])) for g in self.param_groups]
-        momentum, dampening, _ = self._shared()
-        if values != t["hyper_values"] or (momentum, dampening) != t.get("md"):
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("SignedSGD: lr or weight_decay changed during CUDA graph capture; call "
-                                   "sync_hyperparameters() before capturing or replaying")
-            t["hyper"].copy_(torch.tensor(values, dtype=torch.float32), non_blocking=True)
-            t["scalars"][:2].copy_(torch.tensor([momentum, dampening], dtype=torch.float32), non_blocking=True)
-            t["hyper_values"], t["md"] = values, (momentum, dampening)
+        if t is not None:
+            momentum, dampening, _ = self._shared()
+            t.set_hyperparameters([g["lr"] for g in self.param_groups], [g["weight_decay"] for g in self.param_groups],
+                                  momentum, dampening)
 
     # -- the step -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -170,67 +202,59 @@ class SignedSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         momentum, dampening, nesterov = self._shared()
-        t = self._current_table()
+        t = self._current_table(momentum)
         if t is None:
             return loss
-        self.sync_hyperparameters()
+        t.set_hyperparameters([g["lr"] for g in self.param_groups], [g["weight_decay"] for g in self.param_groups],
+                              momentum, dampening)
         # loss scaling: from GradScaler (attributes it sets around this call) or from `inv_scale`
         grad_scale, scaler_found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         scaled = inv_scale is not None or grad_scale is not None or scaler_found_inf is not None
-        check = inv_scale is not None and scaler_found_inf is None
-        found = t["found_inf"]
+        check = inv_scale is not None and scaler_found_inf is None  # our own non-finite pass
         if scaled:
             if inv_scale is not None:
-                t["scalars"][2:].copy_(inv_scale.reshape(1))
+                t.scalars[2:].copy_(inv_scale.reshape(1))
             elif grad_scale is not None:
-                t["scalars"][2:].copy_(grad_scale.reshape(1).reciprocal())
+                torch.reciprocal(grad_scale.reshape(1).to(t.scalars), out=t.scalars[2:])
             else:
-                t["scalars"][2:].fill_(1.0)
+                t.scalars[2:].fill_(1.0)
             if scaler_found_inf is not None:
-                found.copy_((scaler_found_inf.reshape(1) > 0).float())
-            else:
-                found.zero_()
-        if t["by_dtype"]:
-            from kernels.fused_sgd import fused_sgd, nonfinite_check
+                torch.clamp(scaler_found_inf.reshape(1).to(t.found_inf), max=1.0, out=t.found_inf)
+            else:  # our own check (inv_scale) raises it from 0
+                t.found_inf.zero_()
+        if self._use_triton(t.device):
+            from kernels import fused_sgd
 
-            if check:  # every dtype's gradients are checked before anything is updated
-                for dt, sub in t["by_dtype"].items():
-                    nonfinite_check(sub["ptrs"], sub["meta"], sub["chunks"], t["scalars"], found, dt)
-            for dt, sub in t["by_dtype"].items():
-                fused_sgd(sub["ptrs"], sub["meta"], sub["chunks"], t["hyper"], t["scalars"], t["fresh"], found, dt,
-                          momentum=momentum != 0, nesterov=nesterov, scaled=scaled)
+            fused_sgd.step(t, nesterov=nesterov, scaled=scaled, check=check)
         else:
-            params = [p for _, p in t["entries"]]
-            group_of = [gi for gi, _ in t["entries"]]
-            flag = signed_sgd_ref(
-                params, [p.grad for p in params], [self._buf(p) for p in params],
-                [bool(f) for f in t["fresh"].tolist()],
-                [self.param_groups[g]["lr"] for g in group_of], [self.param_groups[g]["weight_decay"] for g in group_of],
-                momentum, dampening, nesterov,
-                inv_scale=t["scalars"][2] if scaled else None, found_inf=found if scaler_found_inf is not None else None)
-            found.copy_(flag.reshape(1))
-        if momentum != 0:
-            if scaled:  # a skipped step leaves the restart pending
-                t["fresh"].mul_((found > 0).to(torch.int64))
-            else:
-                t["fresh"].zero_()
+            self._reference_step(t, momentum, dampening, nesterov, scaled)
         return loss
 
+    def _reference_step(self, t, momentum: float, dampening: float, nesterov: bool, scaled: bool) -> None:
+        """The same step on the same table with kernels/reference.py (host reads: CPU, or tests)."""
+        lr = [self.param_groups[g]["lr"] for g in t.groups]
+        wd = [self.param_groups[g]["weight_decay"] for g in t.groups]
+        fresh = t.pending() if t.momentum else [False] * len(t.params)
+        flag = signed_sgd_ref(t.params, [p.grad for p in t.params], t.bufs, fresh, lr, wd, momentum, dampening, nesterov,
+                              inv_scale=t.scalars[2] if scaled else None, found_inf=t.found_inf if scaled else None)
+        if scaled:
+            t.found_inf.copy_(flag.reshape(1))
+        if t.momentum and not (scaled and bool(flag > 0)):  # a skipped step leaves the restart pending
+            t.clear_restart()
+
     def reset_momentum(self) -> None:
-        """Restart every momentum buffer, in place: zeroed now, and set to d_p by the next step."""
+        """Restart every momentum buffer: those in the table zeroed in place and restarted at d_p by the next
+        applied step; any other parameter's buffer dropped (None: torch.optim.SGD's fresh state)."""
         t = self._table
-        if t is not None:
-            bufs = [self.state[p]["momentum_buffer"] for _, p in t["entries"] if "momentum_buffer" in self.state[p]]
-            if self._table_momentum() and bufs:
-                torch._foreach_zero_(bufs)
-            t["fresh"].fill_(1)
+        inside = set()
+        if t is not None and t.momentum:
+            torch._foreach_zero_(t.bufs)
+            t.request_restart()
+            inside = set(t.params)
         for group in self.param_groups:
             for p in group["params"]:
-                st = self.state.get(p)
-                if st and t is None:
-                    st["_fresh_on_build"] = True
-                    if isinstance(st.get("momentum_buffer"), torch.Tensor):
-                        st["momentum_buffer"].zero_()
+                if p not in inside:
+                    self._drop_buffer(p)
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = False) -> None:
@@ -246,13 +270,14 @@ class SignedSGD(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         order = [p for g in self.param_groups for p in g["params"]]
-        fresh = set()
-        if self._table is not None:
-            fresh = {id(p) for (_, p), f in zip(self._table["entries"], self._table["fresh"].tolist()) if f}
+        t = self._table
+        pending = set()
+        if t is not None and t.momentum:
+            pending = {p for p, f in zip(t.params, t.pending()) if f}
         for i, p in enumerate(order):
             if i in sd["state"]:
                 st = {k: v for k, v in sd["state"][i].items() if not k.startswith("_")}
-                if id(p) in fresh or self.state[p].get("_fresh_on_build"):
+                if p in pending:
                     st["momentum_buffer"] = None
                 sd["state"][i] = st
         return sd
@@ -263,4 +288,6 @@ class SignedSGD(torch.optim.Optimizer):
             if group.get("maximize"):
                 raise ValueError("SignedSGD: maximize=True is not supported; use a negative lr")
         self._shared()
-        self._table = None  # rebuilt on the next step: loaded buffers are copied into owned, layout-matched ones
+        # rebuilt on the next step: loaded buffers are copied into owned, layout-matched ones, and a loaded
+        # momentum_buffer None is a pending restart
+        self._table, self._watch, self._owned = None, None, {}

@@ -205,3 +205,133 @@ def test_cuda_matches_reference_and_memory(dtype):
     knn_topk(queries, support, 30)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 0.05 * queries.shape[0] * support.shape[0] * 4
+
+
+# -- the selection: threshold filter, merge rounds, passes --------------------------------------------------------
+
+@pytest.mark.parametrize("order", ["descending", "ascending"])
+def test_adversarial_support_orders(order):
+    """Support sorted by distance to the queries' common centre: descending, every tile improves every row's
+    list (the merge runs its most rounds per tile); ascending, no tile after the first has a candidate (the
+    threshold filter skips them all). Integer coordinates: every distance exact, so the result is exact."""
+    g = torch.Generator().manual_seed(11)
+    support = torch.randint(-6, 7, (257, 5), generator=g).float()
+    queries = torch.randint(-1, 2, (19, 5), generator=g).float()
+    far = support.pow(2).sum(1)
+    support = support[torch.sort(far, descending=order == "descending", stable=True).indices]
+    for k in (1, 7, 30):
+        dist, idx = knn_topk(queries, support, k, splits=2)
+        ref_d, ref_i = knn_topk_ref(queries, support, k)
+        assert torch.equal(idx, ref_i), (order, k)
+        assert torch.allclose(dist, ref_d, rtol=1e-6, atol=0)  # exact squares; fp32 vs fp64 sqrt may differ 1 ulp
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_across_tile_and_slice_boundaries(dtype):
+    """Runs of identical support rows that straddle the 32-column tiles (interpreter tiles) and the slices: the
+    lower index must win every tie, also when the tie is between the list and a later tile."""
+    g = torch.Generator().manual_seed(12)
+    base = torch.randint(0, 2, (12, 4), generator=g)
+    support = base[torch.arange(2**7 + 17) % 12].to(dtype)                 # every row repeats ~12 times
+    queries = torch.randint(0, 2, (13, 4), generator=g).to(dtype)
+    for k, splits in ((5, 1), (23, 3), (40, 4)):
+        dist, idx = knn_topk(queries, support, k, splits=splits)
+        ref_d, ref_i = knn_topk_ref(queries, support, k)
+        assert torch.equal(idx, ref_i), (k, splits)
+        assert torch.allclose(dist, ref_d, rtol=1e-6, atol=0)
+    assert (dist[:, 1:] == dist[:, :-1]).sum() > dist.numel() // 2          # mostly ties indeed
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_large_k_passes_with_ties_at_the_pass_boundary(metric):
+    """k > 64 runs in passes of 64 above the previous pass's last (distance, index): exact ties around rank 64
+    (integer data, duplicates) must continue with the next index, not skip or repeat one."""
+    g = torch.Generator().manual_seed(13)
+    support = torch.randint(0, 3, (203, 3), generator=g).float() + (metric == "cosine")
+    queries = torch.randint(0, 3, (7, 3), generator=g).float() + 0.5 * (metric == "cosine")
+    for k in (65, 128, 150):
+        dist, idx = knn_topk(queries, support, k, metric, splits=2)
+        ref_d, ref_i = knn_topk_ref(queries, support, k, metric)
+        if metric == "l2":
+            assert torch.equal(idx, ref_i), k
+            assert torch.allclose(dist, ref_d, rtol=1e-6, atol=0)
+        else:   # cosine of integer vectors is not exact in fp32: near-ties may swap; no repeats, nothing skipped
+            check_against_reference(queries, support, k, metric, splits=2)
+        assert all(len(set(row.tolist())) == k for row in idx)
+
+
+def test_large_k_with_exclude_and_pad():
+    g = torch.Generator().manual_seed(14)
+    support = torch.randn(70, 6, generator=g)
+    own = torch.arange(70)
+    dist, idx = knn_topk(support, support, 70, exclude=own, pad=True, splits=3)
+    ref_d, ref_i = knn_topk_ref(support, support, 70, exclude=own)
+    assert torch.equal(idx, ref_i)
+    assert (idx[:, -1] == -1).all() and torch.isinf(dist[:, -1]).all()
+    assert (idx[:, :-1] >= 0).all() and not (idx == own[:, None]).any()
+    assert torch.allclose(dist[:, :-1], ref_d[:, :-1], atol=1e-4)
+
+
+def test_nan_and_inf_rank_last_by_index():
+    """A NaN distance counts as +inf (the reference's nan_to_num); +inf distances are real neighbours, ranked
+    after every finite one and among themselves by index, before any missing (-1) one."""
+    support = torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [2.0, 2.0], [float("inf"), 0.0], [1.0, 0.0],
+                            [float("nan"), 1.0]])
+    queries = torch.tensor([[0.0, 0.0], [3.0, 3.0]])
+    dist, idx = knn_topk(queries, support, 6)
+    ref_d, ref_i = knn_topk_ref(queries, support, 6)
+    assert torch.equal(idx, ref_i) and torch.allclose(dist, ref_d, rtol=1e-6, atol=0)
+    assert idx[0].tolist() == [0, 4, 2, 1, 3, 5]
+    dist, idx = knn_topk(queries, support, 6, exclude=torch.tensor([3, -1]), pad=True)
+    assert idx[0].tolist() == [0, 4, 2, 1, 5, -1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_size_one_and_prime_shapes_with_large_k(dtype):
+    g = torch.Generator().manual_seed(15)
+    support = torch.randn(131, 1, generator=g).to(dtype)                  # D = 1
+    check_against_reference(support[:1], support, 97)                    # Q = 1, k > 64
+    check_against_reference(torch.randn(3, 1, generator=g).to(dtype), support[:1], 1)   # N = 1
+
+
+def test_distance_pass_is_the_nearest_distance():
+    """bench_knn's distances-only probe runs the same tiles and epilogue: its row minimum is knn_topk's first."""
+    from kernels.knn import knn_distance_pass
+
+    g = torch.Generator().manual_seed(16)
+    queries, support = torch.randn(21, 37, generator=g), torch.randn(150, 37, generator=g)
+    for metric in ("l2", "cosine"):
+        near = knn_distance_pass(queries, support, 30, metric)
+        assert torch.equal(near, knn_topk(queries, support, 30, metric)[0][:, 0])
+
+
+def test_compile_specs_cover_the_launcher_table():
+    """Every (dtype, precision, list bucket, alignment) the GPU launcher can pick has a spec with its tile,
+    warps and stages; labels are unique; 16-bit and TF32 configurations promise tensor cores."""
+    from kernels.knn import K_PER_PASS, compile_specs, list_slots, pick_config
+
+    specs = compile_specs()
+    labels = [s.label for s in specs]
+    assert len(labels) == len(set(labels))
+    knn = [s for s in specs if s.facts["kernel"] == "knn"]
+    picked = {(s.facts["dtype"], s.facts["precision"], s.facts["kp"], s.facts["aligned"]):
+              (s.constexprs["BLOCK_Q"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_D"], s.num_warps, s.num_stages)
+              for s in knn}
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for precision in (("ieee", "tf32") if dtype == torch.float32 else (None,)):
+            for kp in sorted({list_slots(k) for k in range(1, MAX_K + 1)}):
+                for aligned in (True, False):
+                    cfg = pick_config(dtype, precision, kp, aligned)
+                    key = (name, precision or name, kp, aligned)
+                    if key in picked:
+                        assert picked[key] == (cfg.block_q, cfg.block_n, cfg.block_d, cfg.num_warps,
+                                               cfg.num_stages), key
+                    assert any(k[:2] == key[:2] and k[3] == aligned and
+                               picked[k] == (cfg.block_q, cfg.block_n, cfg.block_d, cfg.num_warps, cfg.num_stages)
+                               for k in picked), f"no spec compiles the tile the launcher picks for {key}"
+    assert max(list_slots(k) for k in range(1, MAX_K + 1)) == K_PER_PASS
+    assert any(s.constexprs["LOWER"] for s in knn) and any(not s.constexprs["SELECT"] for s in knn)
+    for s in knn:
+        assert s.facts["tensor_cores"] == (s.facts["precision"] != "ieee")
+        assert s.constexprs["BLOCK_Q"] >= 64 or not s.facts["tensor_cores"]          # wgmma needs M >= 64
+    assert {s.facts["dtype"] for s in specs if s.facts["kernel"] == "norms"} == {"fp32", "bf16", "fp16"}
