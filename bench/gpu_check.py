@@ -63,7 +63,7 @@ def plan(smoke: bool, data_dir: Path, run_dir: Path) -> list[Step]:
         return [
             Step("env", [py, __file__, "--env-only"], 30),
             Step("pytest", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests")], 90),
-            Step("sgd", [py, f"{b}/bench_sgd.py", "--reps", "2", "--no-save"], 110, "sgd"),
+            Step("sgd", [py, f"{b}/bench_sgd.py", "--reps", "2"], 110, "sgd"),
             Step("knn", [py, f"{b}/bench_knn.py", "--q", "64", "--n", "700", "--d", "32", "--k", "5", "--reps", "1"],
                  40, "knn"),
             Step("train", [py, f"{b}/bench_train.py", "--data", str(data_dir), "--batch", "16", "--epochs", "1",
