@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .errors import ConfigError, DataError, SealError, cli_main
+from .errors import ConfigError, DataError, cli_main
 from .runtime import free_memory, make_out_folder, pick_device
 
 Hvp = Callable[[torch.Tensor], torch.Tensor]
@@ -505,40 +505,10 @@ def check_args(args) -> None:
 
 
 def load_checkpoint(path: str, device: torch.device):
-    """features.load_model, with weights that do not fit the architecture the config names turned into one line."""
-    from . import checkpoint
+    """features.load_model: a wrong-architecture or junk checkpoint is already one DataError line there."""
     from .features import load_model
-    from .models import build_model
 
-    try:
-        return load_model(path, device)
-    except SealError:
-        raise
-    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
-        try:
-            state = checkpoint.read(path)
-            arch = state.config.get("arch", "resnet50")
-            if not isinstance(state.model, dict) or "fc.weight" not in state.model:
-                raise DataError(f"{path}: its weights are not a seal_fast ResNet's (no fc.weight); pass a checkpoint "
-                                "written by python -m seal_fast.train")
-            try:
-                expected = build_model(arch, num_classes=state.model["fc.weight"].shape[0]).state_dict()
-            except KeyError:
-                raise DataError(f"{path}: its config names the architecture {arch!r}, which seal_fast does not "
-                                "build (resnet50, resnet18, resnet10)") from None
-            missing = [k for k in expected if k not in state.model]
-            unexpected = [k for k in state.model if k not in expected]
-            reshaped = [k for k in expected if k in state.model and
-                        tuple(getattr(state.model[k], "shape", ())) != tuple(expected[k].shape)]
-        except SealError:
-            raise
-        except Exception:  # noqa: BLE001 - the diagnosis itself failed: say what load_model said
-            raise DataError(f"{path}: cannot load its model ({type(exc).__name__}: "
-                            f"{str(exc).strip().splitlines()[0]})") from None
-        raise DataError(f"{path}: its weights are not a {arch}'s (the architecture its config names): "
-                        f"{len(missing)} tensors missing, {len(unexpected)} unexpected, {len(reshaped)} of another "
-                        f"shape{' (e.g. ' + (missing + unexpected + reshaped)[0] + ')' if missing + unexpected + reshaped else ''}; "
-                        "pass a checkpoint written by python -m seal_fast.train") from None
+    return load_model(path, device)
 
 
 def run(argv: list[str] | None = None) -> int:
