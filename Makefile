@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test
+.PHONY: setup demo test cuda
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py pyproject.toml
@@ -16,3 +16,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Optional: the native CUDA backend (CMakeLists.txt) -> kernels/cuda/lib/libseal_fast_cuda.so.
+# CUDA_ARCHS=90 (one architecture) builds faster; rebuild after upgrading torch.
+CUDA_ARCHS ?= 90;80
+cuda: setup
+	cmake -S . -B build -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-DSEAL_FAST_CUDA_ARCHITECTURES="$(CUDA_ARCHS)"
+	cmake --build build -j

@@ -6,7 +6,8 @@ splits them (72 early tensors ascending with wd 0, 89 later descending with wd 5
 Cases: SignedSGD (one fused Triton launch) vs torch.optim.SGD with foreach=False (the published code),
 foreach=True and fused=True (torch._fused_sgd_, multi_tensor_apply), each with the same two groups; the
 fp16 loss-scaling case (fp32 master weights, scaled gradients): SignedSGD.step(inv_scale) and GradScaler +
-SignedSGD vs GradScaler.unscale_ + the fused torch step.
+SignedSGD vs GradScaler.unscale_ + the fused torch step. On CUDA with the native backend built (`make cuda`, or
+$SEAL_FAST_CUDA_LIB), the same cases with SignedSGD(backend="cuda") beside Triton.
 
 Two timings on CUDA, so host and device time come apart:
   eager  one step() per timed call (triton.testing.do_bench: CUDA events, L2 flushed between calls): what
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     env = environment()
     params, split = setup(device)
+    # fp16 loss scaling: fp32 master weights, scaled gradients; scale 1.0 keeps values stable across reps
+    inv = torch.ones((), device=device)
     n = sum(p.numel() for p in params)
     reps = args.reps
     print(f"{env['device']} | torch {env['torch']} triton {env['triton']} | {len(params)} tensors "
@@ -175,8 +178,23 @@ def main(argv=None) -> int:
     checked["note"] = (checked["note"] + "; " if checked["note"] else "") + \
         f"max |diff| vs torch SGD after 2 steps {diff:.2e}"
 
-    # fp16 loss scaling: fp32 master weights, scaled gradients; scale 1.0 keeps values stable across reps
-    inv = torch.ones((), device=device)
+    # the native CUDA C++ twin (kernels/cuda/, opt-in: `make cuda` or $SEAL_FAST_CUDA_LIB), on the same table
+    native_rows = (None, None)
+    if cuda:
+        from kernels import cuda as native
+
+        try:
+            native.load()
+        except native.NativeUnavailable as exc:
+            print(f"SignedSGD cuda (native): not measured: {exc}")
+        else:
+            nat = SignedSGD(groups(params, split), lr=0.1, momentum=MOMENTUM, backend="cuda")
+            native_rows = both("SignedSGD cuda (native)", nat.step)
+            ndiff = max_diff_after_two_steps(params, split, "cuda")
+            if native_rows[0]:
+                native_rows[0]["note"] = f"max |diff| vs torch SGD after 2 steps {ndiff:.2e}"
+            both("fp16 scaling: SignedSGD cuda (native).step(inv_scale)", lambda: nat.step(inv_scale=inv))
+
     scaled_ours, _ = both("fp16 scaling: SignedSGD.step(inv_scale) (check + fused update)",
                           lambda: ours.step(inv_scale=inv))
     scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=10**9)
@@ -216,6 +234,11 @@ def main(argv=None) -> int:
           f"{ratio(base_eager, eager)}, graph {ratio(base_graph, graph)}; vs the per-tensor loop {ratio(loop, eager)}; "
           f"fp16 case {ratio(scaled_ref, scaled_ours)}"
           + (f"; host per eager step {eager['host_us']:.0f} us" if eager and "host_us" in eager else ""))
+    if native_rows[0]:
+        n_eager, n_graph = native_rows
+        print(f"native cuda of copy: eager {frac(n_eager)}, graph {frac(n_graph)}; triton / native: eager "
+              f"{ratio(eager, n_eager)}, graph {ratio(graph, n_graph)} (> 1: native faster; backend='auto' follows "
+              "the graph-replay figure)")
     if cuda:
         print("targets (H100): >= 0.90 of copy, >= 1.1x fused, >= 1.3x in the fp16 case, >= 10x the loop")
     else:

@@ -6,6 +6,8 @@
 Steps, in order of value, each a subprocess with its own time box (a hang or a failure costs that step
 only; what it printed stays in log.txt):
   env      GPU name, driver, clocks, memory, versions
+  native   build the native CUDA backend (CMakeLists.txt, sm_90) into a scratch folder; later steps use it
+           ($SEAL_FAST_CUDA_LIB): its GPU tests in `pytest`, its rows in `sgd`
   pytest   `pytest -m gpu`: every GPU test of the project
   sgd      bench/bench_sgd.py: ResNet-50's 161 shapes, fp32 and the fp16-scaling case, copy roofline
   knn      bench/bench_knn.py: Q=10,000, N=100,000, D 256 and 2048, k=30, bf16 and fp32, vs torch
@@ -40,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STEPS = ("env", "pytest", "sgd", "knn", "train", "data", "depth", "cli")
+STEPS = ("env", "native", "pytest", "sgd", "knn", "train", "data", "depth", "cli")
 
 
 @dataclass
@@ -56,12 +58,13 @@ class Step:
     output: str = ""        # what the step printed (also in log.txt)
 
 
-def plan(smoke: bool, data_dir: Path, run_dir: Path) -> list[Step]:
+def plan(smoke: bool, data_dir: Path, run_dir: Path, native_dir: Path) -> list[Step]:
     py = sys.executable
     b = str(ROOT / "bench")
     if smoke:  # tiny sizes: proves every command line and parser works, on a CPU (Triton interpreter)
         return [
             Step("env", [py, __file__, "--env-only"], 30),
+            Step("native", [py, __file__, "--build-native", str(native_dir)], 120),
             Step("pytest", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests")], 90),
             Step("sgd", [py, f"{b}/bench_sgd.py", "--reps", "2"], 110, "sgd"),
             Step("knn", [py, f"{b}/bench_knn.py", "--q", "64", "--n", "700", "--d", "32", "--k", "5", "--reps", "1"],
@@ -78,6 +81,7 @@ def plan(smoke: bool, data_dir: Path, run_dir: Path) -> list[Step]:
         ]
     return [
         Step("env", [py, __file__, "--env-only"], 30),
+        Step("native", [py, __file__, "--build-native", str(native_dir)], 60),
         Step("pytest", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfE",
                         str(ROOT / "tests")], 110),
         Step("sgd", [py, f"{b}/bench_sgd.py"], 50, "sgd"),
@@ -236,6 +240,15 @@ def targets(steps: dict[str, Step], cuda: bool) -> list[tuple[str, str, str, str
                    and "fp16" not in r.get("case", "") and "graph" not in r.get("case", "")), None)
     line("SGD step, fused SignedSGD fp32, share of copy bandwidth (ResNet-50 shapes)", "sgd",
          num(signed, "frac_of_copy"), ">= 0.90", "{:.2f}", 0.90)
+    # the trainer replays its step as a CUDA graph: the graph-replay rows are the figures that decide
+    graphed = ("SignedSGD triton (graph replay)", "SignedSGD cuda (native) (graph replay)")
+    for name, case in zip(("Triton", "native CUDA"), graphed):
+        line(f"SGD step, {name} fp32 graph-replayed, share of copy bandwidth", "sgd",
+             num(first(sgd, case=case), "frac_of_copy"), ">= 0.90", "{:.2f}", 0.90)
+    tri, nat = (num(first(sgd, case=c), "median_us") for c in graphed)
+    line("SGD backend='auto' on a GPU: Triton time / native time (graph replay; > 1: native faster)", "sgd",
+         tri / nat if tri and nat else None, "the faster becomes auto", "{:.2f}x",
+         why="decide backend='auto' from this figure (seal_fast/optim.py)")
     knn = steps["knn"].rows if "knn" in steps else []
     for d in ("2048", "256"):
         fused = first(knn, case="fused", d=d, dtype="bf16")
@@ -312,9 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="every step at tiny sizes (CPU: Triton interpreter)")
     p.add_argument("--only", nargs="+", choices=STEPS, help="run only these steps (env always runs)")
     p.add_argument("--env-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--build-native", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.env_only:
         print(json.dumps(environment_report()))
+        return 0
+    if args.build_native:
+        from kernels import cuda
+
+        t = time.perf_counter()
+        print(f"built {cuda.build(Path(args.build_native), architectures='90')} in {time.perf_counter() - t:.1f} s")
         return 0
     if not args.out:
         p.error("--out DIR is required")
@@ -349,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = ensure_synthetic(num_classes=classes, train_per_class=per_class, val_per_class=val_per_class,
                                     size=64)[0]
         log.write(f"data: {data_dir} ({time.perf_counter() - t:.1f} s)\n")
-        steps = plan(args.smoke, data_dir, scratch / "cli-run")
+        native_dir = scratch / "native"
+        steps = plan(args.smoke, data_dir, scratch / "cli-run", native_dir)
         if args.only:
             steps = [s for s in steps if s.name == "env" or s.name in args.only]
         for s in steps:
@@ -359,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             run_step(s, min(s.cap_s * max(scale, 1.0) if not args.smoke else s.cap_s, remaining - 5), log, env,
                      results_dir)
+            if s.name == "native" and s.status == "ok":  # the later steps load this build
+                env["SEAL_FAST_CUDA_LIB"] = str(native_dir / "lib" / "libseal_fast_cuda.so")
     env_info: dict = {}
     for line in steps[0].output.splitlines():  # the env step's one JSON line
         if line.startswith("{"):

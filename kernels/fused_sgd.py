@@ -35,8 +35,9 @@ single launch cannot skip globally, since no program knows the others' gradients
 unscales and, when `found_inf` is set, still loads but stores nothing (params, buffers, restart flags
 unchanged). With torch.amp.GradScaler, the scaler's own check fills `found_inf` and only the update runs.
 
-`step(table, ...)` is the launcher; a native backend (kernels/cuda/, not built yet) takes the same table
-and must keep the same semantics. `compile_specs()` lists every configuration `step` can launch.
+`step(table, ...)` is the Triton launcher; `native_step(table, ...)` launches the native CUDA C++ twin
+(kernels/cuda/fused_sgd.cu, built by CMakeLists.txt, registered as torch.ops.seal_fast.*) over the same table
+with the same semantics. `compile_specs()` lists every configuration `step` can launch.
 """
 
 from __future__ import annotations
@@ -356,6 +357,32 @@ def step(table: SGDTable, *, nesterov: bool = False, scaled: bool = False, check
                                           num_warps=NUM_WARPS,
                                           **_update_config(s.dtype, table.momentum, nesterov, scaled, s.aligned,
                                                            table.block))
+
+
+# The operators kernels/cuda/ops.cpp registers (tests/test_cuda_backend.py holds the C++ source and the built
+# library to these strings, and fused_sgd.h's record layout and dtype codes to RECORD ... START, _DTYPE_CODE).
+NATIVE_SCHEMAS = {
+    "fused_sgd_update": "fused_sgd_update(Tensor(a!) records, Tensor hyper, Tensor scalars, Tensor found_inf, "
+                        "int dtype, bool momentum, bool nesterov, bool scaled, bool aligned) -> ()",
+    "fused_sgd_nonfinite": "fused_sgd_nonfinite(Tensor records, Tensor scalars, Tensor(a!) found_inf, int dtype, "
+                           "bool aligned) -> ()",
+}
+
+
+def native_step(table: SGDTable, *, nesterov: bool = False, scaled: bool = False, check: bool = False) -> None:
+    """`step` with the native CUDA kernels (kernels/cuda/; needs `make cuda`): same table, same semantics,
+    one launch per segment. Raises kernels.cuda.NativeUnavailable (one line) when the library is missing."""
+    from kernels import cuda
+
+    cuda.load()
+    ops = torch.ops.seal_fast
+    if check:
+        for s, rec in zip(table.segments, table.views):
+            ops.fused_sgd_nonfinite(rec, table.scalars, table.found_inf, _DTYPE_CODE[s.dtype], s.aligned)
+        scaled = True
+    for s, rec in zip(table.segments, table.views):
+        ops.fused_sgd_update(rec, table.hyper, table.scalars, table.found_inf, _DTYPE_CODE[s.dtype], table.momentum,
+                             bool(nesterov and table.momentum), bool(scaled), s.aligned)
 
 
 # -- what the static report compiles ----------------------------------------------------------------

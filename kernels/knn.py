@@ -277,6 +277,45 @@ def _stage1(queries, support, qn, xn, k, cosine, exclude, lower, splits, select=
     return keys.permute(1, 0, 2).reshape(q, splits * width)
 
 
+def _topk_torch(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str = "l2",
+                exclude: torch.Tensor | None = None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """knn_topk in PyTorch ops (backend "torch", the CPU default): fp32 distances by the matrix-product
+    expansion, `chunk` queries at a time (chunk x N memory), a stable sort for the tie rule."""
+    q_all, n = queries.shape[0], support.shape[0]
+    x = support.float()
+    xn = (x * x).sum(1)
+    dists, idxs = [], []
+    for lo in range(0, q_all, chunk):
+        q = queries[lo:lo + chunk].float()
+        qn = (q * q).sum(1)
+        dot = q @ x.T
+        if metric == "cosine":
+            d = 1 - dot / (qn.sqrt().clamp_min(1e-8)[:, None] * xn.sqrt().clamp_min(1e-8)[None, :])
+        else:
+            d = qn[:, None] - 2 * dot + xn[None, :]
+        d = d.clamp_min(0).nan_to_num(nan=float("inf"))
+        if exclude is not None:
+            e = exclude[lo:lo + chunk].to(d.device)
+            hit = (e >= 0) & (e < n)
+            d[hit.nonzero().squeeze(1), e[hit]] = float("inf")
+            invalid = torch.zeros_like(d, dtype=torch.bool)
+            invalid[hit.nonzero().squeeze(1), e[hit]] = True
+        d, order = torch.sort(d, dim=1, stable=True)
+        d, order = d[:, :k], order[:, :k]
+        if exclude is not None:
+            order = torch.where(invalid.gather(1, order), -1, order)
+        if metric == "l2":
+            d = d.sqrt()
+        d = d.float()
+        if d.shape[1] < k:  # fewer support points than k
+            pad = k - d.shape[1]
+            d = torch.cat([d, d.new_full((d.shape[0], pad), float("inf"))], 1)
+            order = torch.cat([order, order.new_full((order.shape[0], pad), -1)], 1)
+        dists.append(d.masked_fill(order < 0, float("inf")))
+        idxs.append(order)
+    return torch.cat(dists), torch.cat(idxs)
+
+
 def knn_topk(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str = "l2",
              exclude: torch.Tensor | None = None, pad: bool = False, splits: int | None = None,
              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,14 +328,12 @@ def knn_topk(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str =
       queries are the first Q support points (probing training points without counting themselves).
     pad: allow k > N (or fewer than k candidates after exclusion): missing neighbours come back as (inf, -1).
     splits: slices of the support per query block (default: enough programs to fill the GPU).
-    backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else the PyTorch reference), "triton", "torch"."""
+    backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else PyTorch ops), "triton", "torch"."""
     _check(queries, support, k, metric, exclude, pad)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"knn_topk: backend {backend!r}: choose auto, triton or torch")
     if backend == "torch" or (backend == "auto" and queries.device.type != "cuda" and not _interpreted()):
-        from .reference import knn_topk_ref
-
-        return knn_topk_ref(queries, support, k, metric, exclude, compute_dtype=torch.float32)
+        return _topk_torch(queries, support, k, metric, exclude)
     cosine = metric == "cosine"
     qn, xn = _norms(queries, cosine), _norms(support, cosine)
     found, lower = [], None
@@ -307,6 +344,23 @@ def knn_topk(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str =
         found.append(keys)
         lower = keys[:, -1].contiguous()  # the next pass takes only pairs (key, index) above this one
     return decode(found[0] if len(found) == 1 else torch.cat(found, 1), metric)
+
+
+def merge_topk(best: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor],
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running k nearest over a support streamed in chunks: merge `best` (dist, index [Q, k], the chunks
+    so far) with `new` (the next chunk's knn_topk, its indices already global and all above best's). Keeps
+    knn_topk's order: nearest first, equal distances by the lower index (best's come first, and the sort is
+    stable). Start from (inf, -1): `empty_topk`."""
+    d_all, i_all = torch.cat([best[0], new[0]], 1), torch.cat([best[1], new[1]], 1)
+    d_all, order = torch.sort(d_all, dim=1, stable=True)
+    return d_all[:, :k], i_all.gather(1, order[:, :k])
+
+
+def empty_topk(rows: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What merge_topk starts from: no neighbours yet, (inf, -1) everywhere."""
+    return (torch.full((rows, k), float("inf"), device=device),
+            torch.full((rows, k), -1, dtype=torch.int64, device=device))
 
 
 def knn_distance_pass(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str = "l2") -> torch.Tensor:

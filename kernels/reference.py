@@ -1,9 +1,13 @@
-"""Pure-PyTorch references of the kernels in this package. Tests and benchmarks import these.
+"""Test oracles of the kernels in this package: plain float64, written for clarity, never on a production path.
 
-signed_sgd_ref: torch.optim.SGD's update for any number of groups whose learning rates may be
-negative (gradient ascent), with momentum buffers that a reset flag can restart, and optional loss
-scaling: grads are multiplied by `inv_scale`, and when any of them is non-finite (or `found_inf`
-is already set) nothing is updated.
+The production paths are elsewhere and are checked against these: the fused SGD step in Triton
+(kernels/fused_sgd.py), native CUDA (kernels/cuda/) and PyTorch ops (kernels/fused_sgd_torch.py, the CPU
+default); the KNN in Triton (kernels/knn.py) and its PyTorch path (knn_topk(backend="torch"), the CPU default).
+
+signed_sgd_ref: one step of torch.optim.SGD's update for parameters whose learning rates may be negative
+  (gradient ascent), with restartable momentum buffers and optional loss scaling, as a pure function in fp64.
+knn_topk_ref: the k nearest support rows by brute force: fp64 distances from the inputs' values (the l2 one
+  from direct differences, not the |q|^2 - 2 q.x + |x|^2 expansion the fast paths use), a stable sort.
 """
 
 from __future__ import annotations
@@ -12,86 +16,61 @@ import torch
 
 
 @torch.no_grad()
-def signed_sgd_ref(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+def signed_sgd_ref(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor | None],
                    fresh: list[bool], lrs: list[float], wds: list[float], momentum: float, dampening: float,
-                   nesterov: bool, inv_scale: torch.Tensor | None = None,
-                   found_inf: torch.Tensor | None = None) -> torch.Tensor:
-    """One step over tensor lists (one entry per parameter; lrs/wds per parameter), in place.
+                   nesterov: bool, inv_scale: float | None = None) -> tuple[list, list, bool]:
+    """One step, in float64, without touching the inputs: (new params, new buffers, skipped), all fp64.
 
-    fresh[i] = True: parameter i's momentum buffer restarts at d_p (torch.optim.SGD's first step).
-    Returns the found-non-finite flag (float32 0/1 tensor on the parameters' device); when loss scaling
-    is used (`inv_scale` given) and the flag is set, params and buffers are left unchanged.
-    Math in float32 (or the parameter's dtype if wider), stored back in the parameter's dtype."""
-    device = params[0].device if params else torch.device("cpu")
-    flag = torch.zeros((), dtype=torch.float32, device=device)
-    if found_inf is not None:
-        flag = flag + (found_inf.to(device) > 0).float()
-    if inv_scale is not None:
-        for g in grads:
-            flag = torch.maximum(flag, (~torch.isfinite(g * inv_scale.to(g.device))).any().float())
-        if bool(flag > 0):
-            return flag
-    for p, g, buf, new, lr, wd in zip(params, grads, bufs, fresh, lrs, wds):
-        wide = torch.promote_types(p.dtype, torch.float32)
-        narrow = wide != p.dtype  # bf16 / fp16 parameters: compute in fp32, store rounded
-        d_p = g.to(wide)          # no copy when g is already fp32
-        if inv_scale is not None:
-            d_p = d_p * inv_scale.to(device=d_p.device, dtype=wide)
-        if wd != 0:
-            d_p = d_p.add(p.to(wide), alpha=wd)
+    Per parameter i (torch.optim.SGD's documented update, lr signed):
+        d = g * inv_scale (when given);  d = d + wd * p;
+        buf = d if fresh[i] else momentum * buf + (1 - dampening) * d;   (momentum != 0 only)
+        d = d + momentum * buf if nesterov else buf;  p = p - lr * d
+    Loss scaling: when any g * inv_scale is NaN or infinite, the step is skipped: (params, buffers) come back
+    unchanged and skipped is True. bufs[i] may be None where fresh[i] (no buffer yet)."""
+    g64 = [g.double() * (inv_scale if inv_scale is not None else 1.0) for g in grads]
+    if inv_scale is not None and not all(bool(torch.isfinite(g).all()) for g in g64):
+        return [p.double() for p in params], [None if b is None else b.double() for b in bufs], True
+    new_params, new_bufs = [], []
+    for p, g, b, restart, lr, wd in zip(params, g64, bufs, fresh, lrs, wds, strict=True):
+        p = p.double()
+        d = g + wd * p
+        buf = None
         if momentum != 0:
-            if new:
-                b = d_p.clone()
-            elif narrow:
-                b = buf.to(wide).mul_(momentum).add_(d_p, alpha=1 - dampening)
-            else:
-                b = buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
-            if b is not buf:
-                buf.copy_(b)
-            d_p = d_p.add(b, alpha=momentum) if nesterov else b
-        if narrow:
-            p.copy_(p.to(wide).add_(d_p, alpha=-lr))
-        else:
-            p.add_(d_p, alpha=-lr)
-    return flag
+            buf = d if restart else momentum * b.double() + (1 - dampening) * d
+            d = d + momentum * buf if nesterov else buf
+        new_params.append(p - lr * d)
+        new_bufs.append(buf)
+    return new_params, new_bufs, False
 
 
 def knn_topk_ref(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str = "l2",
-                 exclude: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float64,
-                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                 exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """kernels.knn.knn_topk by brute force: (dist float32 [Q, k], index int64 [Q, k]), nearest first, equal
-    distances ordered by the lower index (a stable sort), (inf, -1) where fewer than k candidates remain.
-    Distances in `compute_dtype` from the inputs' values, `chunk` queries at a time (chunk x N memory)."""
-    q_all, n = queries.shape[0], support.shape[0]
-    x = support.to(compute_dtype)
-    xn = (x * x).sum(1)
-    dists, idxs = [], []
-    for lo in range(0, q_all, chunk):
-        q = queries[lo:lo + chunk].to(compute_dtype)
-        qn = (q * q).sum(1)
-        dot = q @ x.T
-        if metric == "cosine":
-            d = 1 - dot / (qn.sqrt().clamp_min(1e-8)[:, None] * xn.sqrt().clamp_min(1e-8)[None, :])
-        else:
-            d = qn[:, None] - 2 * dot + xn[None, :]
-        d = d.clamp_min(0).nan_to_num(nan=float("inf"))
-        if exclude is not None:
-            e = exclude[lo:lo + chunk].to(d.device)
-            hit = (e >= 0) & (e < n)
-            d[hit.nonzero().squeeze(1), e[hit]] = float("inf")
-            invalid = torch.zeros_like(d, dtype=torch.bool)
-            invalid[hit.nonzero().squeeze(1), e[hit]] = True
-        d, order = torch.sort(d, dim=1, stable=True)
-        d, order = d[:, :k], order[:, :k]
-        if exclude is not None:
-            order = torch.where(invalid.gather(1, order), -1, order)
-        if metric == "l2":
-            d = d.sqrt()
-        d = d.float()
-        if d.shape[1] < k:  # fewer support points than k
-            pad = k - d.shape[1]
-            d = torch.cat([d, d.new_full((d.shape[0], pad), float("inf"))], 1)
-            order = torch.cat([order, order.new_full((order.shape[0], pad), -1)], 1)
-        dists.append(d.masked_fill(order < 0, float("inf")))
-        idxs.append(order)
-    return torch.cat(dists), torch.cat(idxs)
+    distances ordered by the lower index, (inf, -1) where fewer than k candidates remain (k > N, or the
+    excluded point). Distances in fp64 from the inputs' values: l2 = sqrt(sum (q - x)^2) (torch.cdist without
+    the matrix-product shortcut), cosine = 1 - q.x / (max(|q|, 1e-8) max(|x|, 1e-8)); NaN ranks as inf.
+    Builds the whole Q x N matrix: test sizes only."""
+    q, x = queries.double().cpu(), support.double().cpu()
+    if metric == "cosine":
+        qn, xn = q.norm(dim=1).clamp_min(1e-8), x.norm(dim=1).clamp_min(1e-8)
+        d = 1 - (q @ x.T) / (qn[:, None] * xn[None, :])
+    else:
+        d = torch.cdist(q, x, compute_mode="donot_use_mm_for_euclid_dist")
+    d = d.nan_to_num(nan=float("inf"), posinf=float("inf"))
+    allowed = torch.ones_like(d, dtype=torch.bool)
+    if exclude is not None:
+        rows = torch.arange(q.shape[0])
+        e = exclude.cpu()
+        hit = (e >= 0) & (e < x.shape[0])
+        allowed[rows[hit], e[hit]] = False
+    # order: by distance, equal ones by index (stable sorts keep the index order), excluded points last
+    key = torch.where(allowed, d, torch.full_like(d, float("inf")))
+    order = torch.argsort(key, dim=1, stable=True)
+    order = order.gather(1, torch.argsort((~allowed).gather(1, order).to(torch.int8), dim=1, stable=True))
+    idx = torch.where(allowed.gather(1, order), order, -1)[:, :k]
+    dist = key.gather(1, order)[:, :k].float().masked_fill(idx < 0, float("inf"))
+    if idx.shape[1] < k:
+        pad = k - idx.shape[1]
+        idx = torch.cat([idx, idx.new_full((idx.shape[0], pad), -1)], 1)
+        dist = torch.cat([dist, dist.new_full((dist.shape[0], pad), float("inf"))], 1)
+    return dist.to(queries.device), idx.to(queries.device)

@@ -39,6 +39,7 @@ class Config:
     device: str = "auto"            # auto | cpu | cuda
     workers: int = -1               # data-loader worker processes; -1 = pick from the CPU count
     optimizer: str = "signed"       # signed (fused SignedSGD) | torch (torch.optim.SGD); same math
+    sgd_backend: str = "auto"       # SignedSGD's kernel: auto | triton | cuda (native, `make cuda`) | torch
     loader: str = "auto"            # auto | torch | cache | dali; same batches (seal_fast/data/augment.py)
     cuda_graph: str = "auto"        # auto | on | off: replay the training step as one CUDA graph (CUDA only)
     preset: str = "paper"           # paper | demo: which defaults the values above started from
@@ -55,7 +56,7 @@ class Config:
 DEMO_OVERRIDES = dict(generations=2, epochs=4, ascent_epochs=1, warmup=2, preset="demo")
 
 # Keys that may differ between a run and its resume without changing the science.
-RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer", "loader", "cuda_graph", "keep_generations",
+RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer", "sgd_backend", "loader", "cuda_graph", "keep_generations",
                     "tensorboard")
 
 
@@ -99,6 +100,10 @@ def validate(cfg: Config) -> None:
     need(cfg.eval_every >= 1, f"--eval-every {cfg.eval_every}: must be at least 1 epoch")
     need(cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: choose auto, cpu or cuda")
     need(cfg.optimizer in ("signed", "torch"), f"--optimizer {cfg.optimizer!r}: choose signed or torch")
+    need(cfg.sgd_backend in ("auto", "triton", "cuda", "torch"),
+         f"--sgd-backend {cfg.sgd_backend!r}: choose auto, triton, cuda or torch")
+    need(cfg.sgd_backend == "auto" or cfg.optimizer == "signed",
+         f"--sgd-backend {cfg.sgd_backend} picks SignedSGD's kernel; it does not go with --optimizer torch")
     need(cfg.loader in ("auto", "torch", "cache", "dali"), f"--loader {cfg.loader!r}: choose auto, torch, cache or dali")
     need(cfg.cuda_graph in ("auto", "on", "off"), f"--cuda-graph {cfg.cuda_graph!r}: choose auto, on or off")
     need(cfg.keep_generations in ("all", "none"), f"--keep-generations {cfg.keep_generations!r}: choose all or none")

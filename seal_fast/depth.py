@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels.knn import knn_topk, vote
+from kernels.knn import empty_topk, knn_topk, merge_topk, vote
 
 from .errors import ConfigError, DataError, cli_main
 from .features import load_model
@@ -201,8 +201,7 @@ class Study:
             for n in job.probes:
                 qfeat[n][lo - job.lo:hi - job.lo] = feats[n][lo - a:hi - a]
 
-        best = {n: (torch.full((rows, self.k), float("inf"), device=self.device),
-                    torch.full((rows, self.k), -1, dtype=torch.int64, device=self.device)) for n in job.probes}
+        best = {n: empty_topk(rows, self.k, self.device) for n in job.probes}
         buf = {n: torch.empty(job.chunk, dims[n], dtype=fdtype, device=self.device) for n in job.probes}
         own = torch.arange(job.lo, job.hi, device=self.device)  # global index of each query (train split)
         state = {"fill": 0, "start": 0}
@@ -216,11 +215,7 @@ class Study:
             for n in job.probes:
                 # pad: a short last chunk (or one holding the query itself) may have fewer than k candidates
                 d, i = knn_topk(qfeat[n], buf[n][:fill], self.k, self.metric, exclude, pad=True)
-                i = torch.where(i >= 0, i + start, i)
-                bd, bi = best[n]
-                d_all, i_all = torch.cat([bd, d], 1), torch.cat([bi, i], 1)  # earlier (lower) indices first
-                d_all, order = torch.sort(d_all, dim=1, stable=True)           # ties keep the lower index
-                best[n] = (d_all[:, :self.k], i_all.gather(1, order[:, :self.k]))
+                best[n] = merge_topk(best[n], (d, torch.where(i >= 0, i + start, i)), self.k)
             state["start"], state["fill"] = start + fill, 0
 
         for x, y in self._batches(support_loader, f"{desc}: {', '.join(job.probes[:3])}"

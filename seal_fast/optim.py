@@ -6,8 +6,9 @@
 
 - backend "triton": kernels/fused_sgd.py, one launch per parameter dtype for all groups (a second, small
   one when some tensor is not 16-byte aligned or its length not a multiple of 16 bytes) (CUDA, or the
-  CPU under TRITON_INTERPRET=1); "torch": kernels/reference.py; "auto": triton on CUDA, torch on CPU;
-  "cuda" (a native extension) is not built in this project yet. Both backends walk the same table
+  CPU under TRITON_INTERPRET=1); "cuda": the native CUDA C++ twin of that kernel (kernels/cuda/, opt-in:
+  `make cuda`; a CUDA device only); "torch": the same step in PyTorch ops (kernels/fused_sgd_torch.py); "auto": triton on CUDA (no GPU figure
+  has yet shown the native kernel faster), torch on CPU. All backends walk the same table
   (kernels.fused_sgd.SGDTable, made by kernels.fused_sgd.make_table).
 - momentum, dampening and nesterov are shared by all groups; lr and weight_decay are per group.
 - Hyper-parameters live in device tensors. `step()` copies changed group values there (a host-to-device
@@ -38,7 +39,6 @@ import weakref
 
 import torch
 
-from kernels.reference import signed_sgd_ref
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 
@@ -78,9 +78,13 @@ class SignedSGD(torch.optim.Optimizer):
                  weight_decay: float = 0.0, nesterov: bool = False, backend: str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"SignedSGD: backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if backend == "cuda":
-            raise RuntimeError("SignedSGD: backend 'cuda' needs the native extension, which this build does not "
-                               "have; use backend='triton' (or 'auto')")
+        if backend == "cuda":  # fail here, not at the first step, when the library is missing
+            from kernels import cuda
+
+            try:
+                cuda.load()
+            except cuda.NativeUnavailable as exc:
+                raise RuntimeError(f"SignedSGD: backend 'cuda': {exc}") from None
         if momentum < 0 or weight_decay < 0:
             raise ValueError("SignedSGD: momentum and weight_decay cannot be negative (a negative lr means ascent)")
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -107,10 +111,11 @@ class SignedSGD(torch.optim.Optimizer):
                                      f"({first[key]!r} != {g[key]!r}); lr and weight_decay may differ")
         return float(first["momentum"]), float(first["dampening"]), bool(first["nesterov"])
 
-    def _use_triton(self, device: torch.device) -> bool:
+    def _kernel(self, device: torch.device) -> str:
+        """Which implementation runs the step: "triton", "cuda" (native) or "torch" (the reference)."""
         if self.backend == "auto":
-            return device.type == "cuda"
-        return self.backend == "triton"
+            return "triton" if device.type == "cuda" else "torch"
+        return self.backend
 
     # -- the table of tensors the fused step walks -----------------------------------------------
     def invalidate(self) -> None:
@@ -146,6 +151,13 @@ class SignedSGD(torch.optim.Optimizer):
         device = entries[0][1].device
         if any(p.device != device for _, p in entries):
             raise ValueError("SignedSGD: all parameters must be on one device")
+        if self.backend == "cuda":
+            from kernels import cuda
+
+            try:
+                cuda.require(device)
+            except cuda.NativeUnavailable as exc:
+                raise RuntimeError(f"SignedSGD: backend 'cuda': {exc}") from None
         params = [p for _, p in entries]
         for p in params:
             if not same_layout(p.grad, p):  # keep the gradient in the parameter's layout from now on
@@ -222,25 +234,20 @@ class SignedSGD(torch.optim.Optimizer):
                 torch.clamp(scaler_found_inf.reshape(1).to(t.found_inf), max=1.0, out=t.found_inf)
             else:  # our own check (inv_scale) raises it from 0
                 t.found_inf.zero_()
-        if self._use_triton(t.device):
+        kernel = self._kernel(t.device)
+        if kernel == "triton":
             from kernels import fused_sgd
 
             fused_sgd.step(t, nesterov=nesterov, scaled=scaled, check=check)
-        else:
-            self._reference_step(t, momentum, dampening, nesterov, scaled)
-        return loss
+        elif kernel == "cuda":
+            from kernels import fused_sgd
 
-    def _reference_step(self, t, momentum: float, dampening: float, nesterov: bool, scaled: bool) -> None:
-        """The same step on the same table with kernels/reference.py (host reads: CPU, or tests)."""
-        lr = [self.param_groups[g]["lr"] for g in t.groups]
-        wd = [self.param_groups[g]["weight_decay"] for g in t.groups]
-        fresh = t.pending() if t.momentum else [False] * len(t.params)
-        flag = signed_sgd_ref(t.params, [p.grad for p in t.params], t.bufs, fresh, lr, wd, momentum, dampening, nesterov,
-                              inv_scale=t.scalars[2] if scaled else None, found_inf=t.found_inf if scaled else None)
-        if scaled:
-            t.found_inf.copy_(flag.reshape(1))
-        if t.momentum and not (scaled and bool(flag > 0)):  # a skipped step leaves the restart pending
-            t.clear_restart()
+            fused_sgd.native_step(t, nesterov=nesterov, scaled=scaled, check=check)
+        else:  # the same step in PyTorch ops (the CPU default); its lr / wd: the table's host copy, set above
+            from kernels import fused_sgd_torch
+
+            fused_sgd_torch.step(t, nesterov=nesterov, scaled=scaled)
+        return loss
 
     def reset_momentum(self) -> None:
         """Restart every momentum buffer: those in the table zeroed in place and restarted at d_p by the next

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="replay each training / evaluation step as one CUDA graph (default auto: on a GPU when the setup allows)")
     a("--optimizer", choices=("signed", "torch"),
       help="signed: the fused SignedSGD (default); torch: torch.optim.SGD as in the published code")
+    a("--sgd-backend", choices=("auto", "triton", "cuda", "torch"),
+      help="SignedSGD's kernel: auto (default: Triton on a GPU, the PyTorch reference on a CPU), triton, "
+           "cuda (the native CUDA C++ kernel: build it first with `make cuda`) or torch")
     a("--preset", choices=("paper", "demo"),
       help="defaults to start from (default: demo without --data, paper with --data or --dry-run)")
     a("--keep-generations", choices=("all", "none"),
@@ -216,7 +219,10 @@ def make_optimizer(model, entry: dict, cfg: Config):
     kw = dict(lr=cfg.lr, momentum=cfg.momentum, dampening=0.0, weight_decay=cfg.weight_decay, nesterov=False)
     if cfg.optimizer == "torch":
         return torch.optim.SGD(groups, **kw)
-    return SignedSGD(groups, backend="auto", **kw)
+    try:
+        return SignedSGD(groups, backend=cfg.sgd_backend, **kw)
+    except RuntimeError as exc:  # backend "cuda" without the built library
+        raise ConfigError(f"--sgd-backend {cfg.sgd_backend}: {exc}") from None
 
 
 def apply_entry(optimizer, entry: dict) -> None:

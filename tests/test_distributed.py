@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -88,6 +89,7 @@ def load(path):
     return torch.load(path, weights_only=False)
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_weights_of_one(tiny_data, tmp_path):
     """SEAL, 2 generations with an ascent epoch, global batch 96 (48 per rank): 4 steps. The difference is
     fp32 summation order (about 1e-6 relative, measured); this tiny problem amplifies a 1e-6 perturbation of
@@ -113,6 +115,7 @@ def test_two_processes_train_the_weights_of_one(tiny_data, tmp_path):
     assert len(lines) == 4                                              # one writer
 
 
+@pytest.mark.slow
 def test_resume_after_kill_under_ddp(tiny_data, tmp_path):
     """Kill the whole torchrun group after its first checkpoint, resume with torchrun: the same weights as an
     uninterrupted 2-process run, bit for bit."""

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bench import gpu_check
 from bench.gpu_check import Step, run_step, targets
 
@@ -15,6 +17,7 @@ def committed_results():
     return {p.name: p.stat().st_mtime_ns for p in (ROOT / "bench" / "results").glob("*")}
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
     before = committed_results()
     out = tmp_path / "out"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.knn import MAX_K, knn_predict, knn_topk, vote
+from kernels.knn import MAX_K, empty_topk, knn_predict, knn_topk, merge_topk, vote
 from kernels.reference import knn_topk_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -23,7 +23,7 @@ def true_dist(queries, support, idx, metric):
 def check_against_reference(queries, support, k, metric="l2", exclude=None, **kw):
     dist, idx = knn_topk(queries, support, k, metric, exclude, **kw)
     ref_d, ref_i = knn_topk_ref(queries, support, k, metric, exclude)               # fp64
-    torch_d, _ = knn_topk_ref(queries, support, k, metric, exclude, compute_dtype=torch.float32)
+    torch_d, _ = knn_topk(queries, support, k, metric, exclude, pad=exclude is not None, backend="torch")  # fp32
     assert dist.shape == idx.shape == (queries.shape[0], k)
     assert dist.dtype == torch.float32 and idx.dtype == torch.int64
     tol = 2 * (torch_d - ref_d).abs().max().item() + ATOL[queries.dtype] * (1 + ref_d.abs().max().item())
@@ -162,7 +162,7 @@ def test_never_allocates_query_by_support():
         knn_topk(queries, support, 30, splits=2, backend="triton")
     assert seen.largest <= q * 2 * 32 < q * n // 10      # keys: Q x splits x next_pow2(k)
     with LargestAllocation() as control:                 # the check does see a Q x N matrix when one is built
-        knn_topk_ref(queries, support, 30, compute_dtype=torch.float32)
+        knn_topk(queries, support, 30, backend="torch")
     assert control.largest >= q * n
 
 
@@ -335,3 +335,22 @@ def test_compile_specs_cover_the_launcher_table():
         assert s.facts["tensor_cores"] == (s.facts["precision"] != "ieee")
         assert s.constexprs["BLOCK_Q"] >= 64 or not s.facts["tensor_cores"]          # wgmma needs M >= 64
     assert {s.facts["dtype"] for s in specs if s.facts["kernel"] == "norms"} == {"fp32", "bf16", "fp16"}
+
+
+def test_merge_topk_over_chunks_equals_one_pass_with_ties():
+    """The running k nearest over a support streamed in chunks (as the depth study streams it) equals the
+    oracle over the whole support, ties across chunk boundaries and self-exclusion included."""
+    g = torch.Generator().manual_seed(11)
+    support = torch.randint(0, 3, (157, 6), generator=g).float()  # few distinct points: many equal distances
+    queries = support[:40]
+    own = torch.arange(40)
+    k = 9
+    best = empty_topk(40, k, "cpu")
+    for start in range(0, 157, 32):
+        part = support[start:start + 32]
+        exclude = own - start  # the query's own row, when it lies in this chunk (else out of range: none)
+        d, i = knn_topk(queries, part, k, exclude=exclude, pad=True)
+        best = merge_topk(best, (d, torch.where(i >= 0, i + start, i)), k)
+    ref_d, ref_i = knn_topk_ref(queries, support, k, exclude=own)
+    assert torch.equal(best[1], ref_i)
+    torch.testing.assert_close(best[0], ref_d, rtol=0, atol=1e-5)

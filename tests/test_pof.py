@@ -108,6 +108,7 @@ def test_cli_writes_a_seal_fast_checkpoint_with_the_classifier_unchanged(source,
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(source, tmp_path):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     assert pof.main(small(source, ref_out)) == 0

@@ -35,6 +35,7 @@ def sequential(tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sweep_trains_each_run_in_its_folder_and_skips_finished_ones(sequential, tiny_data):
     assert sorted(p.name for p in sequential.iterdir()) == ["normal160-s0", "seal-s0"]
     assert json.loads((sequential / "normal160-s0" / "config.json").read_text())["generations"] == 1
@@ -43,6 +44,7 @@ def test_sweep_trains_each_run_in_its_folder_and_skips_finished_ones(sequential,
     assert res.returncode == 0 and "2 finished already, 0 to train" in res.stdout
 
 
+@pytest.mark.slow
 def test_two_jobs_at_once_equal_one_at_a_time(sequential, tiny_data, tmp_path):
     out = tmp_path / "par"
     res = subprocess.run(sweep_cmd(tiny_data, out, "--jobs", "2"), cwd=ROOT, capture_output=True, text=True,
@@ -53,6 +55,7 @@ def test_two_jobs_at_once_equal_one_at_a_time(sequential, tiny_data, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), run
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_and_ends_where_an_uninterrupted_one_does(sequential, tiny_data, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(sweep_cmd(tiny_data, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -55,6 +55,7 @@ def test_run_writes_config_metrics_checkpoint_and_plot(cli, tiny_data, tmp_path)
     assert (out / "best.pt").exists()
 
 
+@pytest.mark.slow
 def test_demo_command_end_to_end(cli, tmp_path):
     """The README's demo (no --data: built-in synthetic set), on a tiny schedule and a small model. `--amp` is
     bf16 only on a CPU with native bf16, fp32 elsewhere (tests/test_precision.py forces both branches)."""
@@ -79,6 +80,7 @@ def final_state(out):
     return ckpt["model"], ckpt["optimizer"]["state"], ckpt["next_epoch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, loader", [("seal", "cache"), ("llf", "torch")])
 def test_sigkill_then_resume_is_bit_identical(cli, tiny_data, tmp_path, method, loader):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
@@ -229,6 +231,7 @@ def test_nonfinite_loss_stops_names_the_step_and_keeps_the_last_checkpoint(tiny_
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_signed_sgd_and_torch_sgd_train_the_same_weights(cli, tiny_data, tmp_path):
     """The trainer's default SignedSGD (CPU: the PyTorch reference) and --optimizer torch (torch.optim.SGD,
     as published) give the same run; a SignedSGD checkpoint resumes under torch.optim.SGD."""

@@ -1,0 +1,266 @@
+"""The native CUDA backend (CMakeLists.txt, kernels/cuda/): it builds with this machine's nvcc and CMake, its
+sources agree with the Python table and launcher, it is opt-in with one-line errors, and (GPU) it equals the
+PyTorch reference and the Triton kernel step for step, loss scaling and graph replay included.
+
+The build (one architecture, sm_90) goes to a temporary folder once per session; with $SEAL_FAST_CUDA_LIB
+naming an existing library (bench/gpu_check.py builds one first) that one is used instead.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import fused_sgd
+from seal_fast.optim import SignedSGD
+from test_fused_sgd import (  # the same synthetic parameters, gradients and runs (tests/ is on sys.path)
+    ATOL,
+    SHAPES_MANY,
+    SHAPES_ODD,
+    assert_close_to_reference,
+    clone,
+    grads_for,
+    make_params,
+    run,
+    set_grads,
+    torch_sgd,
+    two_groups,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_DIR = ROOT / "kernels" / "cuda"
+TOOLS = shutil.which("cmake") and shutil.which("nvcc")
+
+
+@pytest.fixture(scope="session")
+def native_library(tmp_path_factory) -> Path:
+    given = os.environ.get("SEAL_FAST_CUDA_LIB")
+    if given and Path(given).is_file():
+        return Path(given)
+    if not TOOLS:
+        pytest.skip("cmake and nvcc are needed to build the native backend (installed on this project's machines)")
+    from kernels import cuda
+
+    return cuda.build(tmp_path_factory.mktemp("cuda-build"), architectures="90")  # as CI builds it: one arch
+
+
+@pytest.fixture
+def use_library(monkeypatch):
+    """use_library(path or None): point kernels.cuda at a library (None: one that does not exist)."""
+    from kernels import cuda
+
+    def use(path):
+        monkeypatch.setenv("SEAL_FAST_CUDA_LIB", str(path) if path else "/nonexistent/libseal_fast_cuda.so")
+        monkeypatch.setattr(cuda, "_loaded", None)
+    yield use
+    monkeypatch.setattr(cuda, "_loaded", None)
+
+
+# -- the sources agree with the Python side (no build needed) ----------------------------------------------
+
+
+def test_record_layout_and_dtype_codes_agree_with_the_python_table():
+    header = (CUDA_DIR / "fused_sgd.h").read_text()
+    consts = {k: int(v) for k, v in re.findall(r"\b([A-Z_]+) = (\d+)\b", header)}
+    python = dict(zip(("PARAM", "GRAD", "BUF", "NUMEL", "GROUP", "RESTART", "SLOT", "START"), range(8)))
+    assert {k: consts[k] for k in python} == python
+    assert consts["RECORD"] == fused_sgd.RECORD and consts["VECTOR_BYTES"] == fused_sgd.VECTOR_BYTES
+    codes = dict(re.findall(r"\b(kFloat32|kBFloat16|kFloat16) = (\d+)", header))
+    assert {"kFloat32": torch.float32, "kBFloat16": torch.bfloat16, "kFloat16": torch.float16} == \
+        {k: dt for dt, c in fused_sgd._DTYPE_CODE.items() for k, v in codes.items() if int(v) == c}
+
+
+def test_operator_schemas_in_the_source_are_the_launchers():
+    source = (CUDA_DIR / "ops.cpp").read_text()
+    defs = re.findall(r'm\.def\(((?:\s*"[^"]*")+)\)', source)
+    schemas = {}
+    for d in defs:
+        text = "".join(re.findall(r'"([^"]*)"', d))
+        schemas[text.split("(")[0]] = text
+    assert schemas == fused_sgd.NATIVE_SCHEMAS
+    impls = set(re.findall(r'm\.impl\("(\w+)"', source))
+    assert impls == set(fused_sgd.NATIVE_SCHEMAS)
+
+
+def test_without_a_build_the_package_works_and_the_backend_says_how_to_build(use_library):
+    from seal_fast.config import Config
+    from seal_fast.errors import ConfigError
+    from seal_fast.models import build_model
+    from seal_fast.schedule import build_plan
+    from seal_fast.train import make_optimizer
+
+    use_library(None)
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(RuntimeError, match=r"not built .*make cuda") as err:
+        SignedSGD([p], lr=0.1, backend="cuda")
+    assert "\n" not in str(err.value)
+    SignedSGD([p], lr=0.1, backend="auto").step()  # everything else as before
+    cfg = Config(arch="resnet10", generations=1, epochs=2, ascent_epochs=1, warmup=1, sgd_backend="cuda")
+    with pytest.raises(ConfigError, match=r"^--sgd-backend cuda: .*make cuda"):
+        make_optimizer(build_model(cfg.arch, 10), build_plan(cfg)[0], cfg)
+
+
+def test_trainer_flag_rejects_an_unknown_backend(cli):
+    done = cli("--sgd-backend", "cuda", "--optimizer", "torch", "--dry-run", "--summary")
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: --sgd-backend cuda picks SignedSGD")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+# -- the build ---------------------------------------------------------------------------------------------
+
+
+def test_cmake_build_registers_the_operators_with_the_launchers_schemas(native_library):
+    """The CMake build (sm_90, as CI builds it) loads into this torch and registers exactly the schemas the
+    launcher calls; without a GPU, calling it on CPU tensors is refused by the dispatcher, not a crash."""
+    code = (f"import torch; torch.ops.load_library({str(native_library)!r}); "
+            "ops = torch.ops.seal_fast; "
+            "print(ops.fused_sgd_update.default._schema); print(ops.fused_sgd_nonfinite.default._schema)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == [f"seal_fast::{s}" for s in fused_sgd.NATIVE_SCHEMAS.values()]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message")
+def test_built_library_without_a_gpu_is_a_one_line_error(native_library, use_library):
+    use_library(native_library)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = SignedSGD([p], lr=0.1, momentum=0.9, backend="cuda")  # the library loads: construction succeeds
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="CUDA device only.*no usable GPU"):
+        opt.step()
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="needs nvcc")
+def test_kernels_compile_for_sm90_without_spills_and_with_128_bit_accesses(tmp_path):
+    """What must stay true of the native kernels (the Triton ones have tests/test_kernel_static.py): no spills
+    in any instantiation, and the aligned update moves its parameter / gradient / buffer with 128-bit loads and
+    stores in every dtype."""
+    src = CUDA_DIR / "fused_sgd.cu"
+    ptx = tmp_path / "k.ptx"
+    subprocess.run(["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-ptx", str(src), "-o", str(ptx)],
+                   capture_output=True, text=True, timeout=300, check=True)
+    done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    usage = done.stdout + done.stderr
+    kernels = re.findall(r"Compiling entry function '(\w+)'", usage)
+    assert len(kernels) == 3 * 3 * 2 * 2 + 3 * 2  # dtype x (plain, momentum, nesterov) x scaled x aligned + checks
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", usage)]
+    assert len(spills) == 2 * len(kernels) and not any(spills), usage
+    regs = [int(n) for n in re.findall(r"Used (\d+) registers", usage)]
+    assert len(regs) == len(kernels) and max(regs) <= 64, regs  # 256 threads x <= 64 registers: full occupancy
+
+    bodies = {part.split("(")[0].strip(): part for part in re.split(r"\.entry\s+", ptx.read_text())[1:]}
+    assert set(bodies) == set(kernels)
+    # fused_sgd_kernel<T, MOMENTUM, NESTEROV, SCALED, ALIGNED>: the mangled name ends in the four flags
+    flags = {m: re.search(r"fused_sgd_kernelI.+?Lb(\d)ELb(\d)ELb(\d)ELb(\d)E", m) for m in kernels}
+    aligned_updates = [m for m, f in flags.items() if f and f.group(4) == "1"]
+    assert len(aligned_updates) == 3 * 3 * 2
+    for mangled in aligned_updates:
+        body = bodies[mangled]
+        assert len(re.findall(r"ld\.global(?:\.\w+)?\.v4\.u32", body)) >= 2, mangled   # param (+ buffer), gradient
+        assert re.search(r"st\.global(?:\.\w+)?\.v4\.u32", body), mangled
+    for mangled, body in bodies.items():  # addresses come from int64 records: no generic (slower) ld / st
+        generic = re.findall(r"^\s*((?:ld|st)\.(?!global|param|shared|local|const)\S+)", body, re.M)
+        assert not generic, (mangled, generic)
+
+
+# -- on a GPU: equal to the reference and to Triton --------------------------------------------------------
+
+
+@pytest.fixture
+def native(native_library, use_library):
+    use_library(native_library)
+    return native_library
+
+
+def _shapes():
+    return SHAPES_ODD + SHAPES_MANY
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("nesterov, dampening", [(False, 0.0), (True, 0.0), (False, 0.3)])
+def test_native_equals_reference_and_triton_step_for_step(native, dtype, nesterov, dampening):
+    """55 steps with a momentum reset at 20 and a sign flip of every group at 35, odd sizes, channels-last
+    weights, two groups (ascent without wd, descent with it). fp32 without dampening: bit-identical to the
+    PyTorch reference on the GPU (same roundings, same order); otherwise within the project's rule
+    (|ours - fp64| <= 2 |torch.optim.SGD - fp64| + atol) and as close to Triton as that rule allows."""
+    params = make_params(_shapes(), dtype=dtype, channels_last=(5, 6), device="cuda")
+    triton_p, ref_p, sgd_p, f64 = clone(params), clone(params), clone(params), clone(params, torch.float64)
+    kw = dict(momentum=0.9, dampening=dampening, nesterov=nesterov, weight_decay=5e-4)
+    split = 20
+    for ps, backend in ((params, "cuda"), (triton_p, "triton"), (ref_p, "torch")):
+        run(SignedSGD(two_groups(ps, split), lr=0.1, backend=backend, **kw), ps, 55, reset_at=(20,),
+            lr_change_at=35)
+    run(torch_sgd(two_groups(sgd_p, split), **kw), sgd_p, 55, reset_at=(20,), lr_change_at=35)
+    run(torch_sgd(two_groups(f64, split), **kw), f64, 55, reset_at=(20,), lr_change_at=35)
+    assert_close_to_reference(params, sgd_p, f64, dtype)
+    assert_close_to_reference(triton_p, sgd_p, f64, dtype)
+    if dtype == torch.float32 and dampening == 0.0:
+        for a, b in zip(params, ref_p):
+            assert torch.equal(a, b), (a - b).abs().max().item()
+    for a, b in zip(params, triton_p):
+        torch.testing.assert_close(a, b, rtol=2 * torch.finfo(dtype).eps, atol=ATOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_native_loss_scaling_skips_and_applies_like_triton(native, dtype):
+    """step(inv_scale=...) with an inf gradient stores nothing (params, buffers, pending restarts), a finite
+    one applies; the native and Triton backends agree through a skip, and GradScaler drives both."""
+    params = make_params(SHAPES_ODD, dtype=dtype, device="cuda")
+    twin = clone(params)
+    opts = [SignedSGD(two_groups(ps, 3), lr=0.1, momentum=0.9, backend=b) for ps, b in ((params, "cuda"),
+                                                                                          (twin, "triton"))]
+    inv = torch.tensor([0.25], device="cuda")
+    for step in range(8):
+        bad = 2 if step in (0, 5) else None  # the first step skipped: the restart stays pending
+        for ps, opt in zip((params, twin), opts):
+            set_grads(ps, grads_for(step, ps, bad=bad), scale=4.0)
+            before = [p.detach().clone() for p in ps]
+            opt.step(inv_scale=inv)
+            if bad is not None:
+                assert opt.found_inf_flag.item() == 1
+                assert all(torch.equal(p, b) for p, b in zip(ps, before))
+                if step == 0:
+                    assert all(opt._table.pending())
+        for a, b in zip(params, twin):
+            torch.testing.assert_close(a, b, rtol=2 * torch.finfo(dtype).eps, atol=ATOL[dtype])
+
+
+@pytest.mark.gpu
+def test_native_graph_replay_with_new_hyperparameters_matches_eager(native):
+    params = make_params(SHAPES_ODD, channels_last=(5,), device="cuda")
+    eager_params = clone(params)
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.1, backend="cuda")
+    graphed, eager = SignedSGD(two_groups(params, 3), **kw), SignedSGD(two_groups(eager_params, 3), **kw)
+    set_grads(params, grads_for(0, params))
+    set_grads(eager_params, grads_for(0, eager_params))
+    graphed.step()
+    eager.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        graphed.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for step in range(1, 30):
+        if step == 10:  # ascent becomes descent, a new weight decay, and a momentum reset
+            for opt in (graphed, eager):
+                opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"] = 0.05, 1e-3
+                opt.reset_momentum()
+        g = grads_for(step, params)
+        set_grads(params, g)
+        set_grads(eager_params, g)
+        graphed.sync_hyperparameters()
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for a, b in zip(params, eager_params):
+        assert torch.equal(a, b)
