@@ -39,7 +39,6 @@ import weakref
 
 import torch
 
-
 BACKENDS = ("auto", "triton", "torch", "cuda")
 
 

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from kernels import fused_sgd
-from seal_fast.optim import SignedSGD
 from test_fused_sgd import (  # the same synthetic parameters, gradients and runs (tests/ is on sys.path)
     ATOL,
     SHAPES_MANY,
     SHAPES_ODD,
     assert_close_to_reference,
+    assert_graph_replay_matches_eager,
     clone,
     grads_for,
     make_params,
@@ -31,6 +29,9 @@ from test_fused_sgd import (  # the same synthetic parameters, gradients and run
     torch_sgd,
     two_groups,
 )
+
+from kernels import fused_sgd
+from seal_fast.optim import SignedSGD
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_DIR = ROOT / "kernels" / "cuda"
@@ -236,31 +237,4 @@ def test_native_loss_scaling_skips_and_applies_like_triton(native, dtype):
 
 @pytest.mark.gpu
 def test_native_graph_replay_with_new_hyperparameters_matches_eager(native):
-    params = make_params(SHAPES_ODD, channels_last=(5,), device="cuda")
-    eager_params = clone(params)
-    kw = dict(lr=0.1, momentum=0.9, dampening=0.1, backend="cuda")
-    graphed, eager = SignedSGD(two_groups(params, 3), **kw), SignedSGD(two_groups(eager_params, 3), **kw)
-    set_grads(params, grads_for(0, params))
-    set_grads(eager_params, grads_for(0, eager_params))
-    graphed.step()
-    eager.step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side), torch.cuda.graph(graph):
-        graphed.step()
-    torch.cuda.current_stream().wait_stream(side)
-    for step in range(1, 30):
-        if step == 10:  # ascent becomes descent, a new weight decay, and a momentum reset
-            for opt in (graphed, eager):
-                opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"] = 0.05, 1e-3
-                opt.reset_momentum()
-        g = grads_for(step, params)
-        set_grads(params, g)
-        set_grads(eager_params, g)
-        graphed.sync_hyperparameters()
-        graph.replay()
-        eager.step()
-    torch.cuda.synchronize()
-    for a, b in zip(params, eager_params):
-        assert torch.equal(a, b)
+    assert_graph_replay_matches_eager("cuda")

@@ -583,10 +583,16 @@ def test_cuda_matches_torch_sgd(nesterov, dampening):
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_with_new_hyperparameters_matches_eager():
+    assert_graph_replay_matches_eager("triton")
+
+
+def assert_graph_replay_matches_eager(backend):
+    """One step captured in a CUDA graph and replayed 29 times, with the lr sign, weight decay and a momentum
+    reset changed between replays (sync_hyperparameters), equals the same steps run eagerly, bit for bit."""
     params = make_params(SHAPES_ODD, channels_last=(5,), device="cuda")
     eager_params = clone(params)
-    graphed = SignedSGD(two_groups(params, 3), lr=0.1, momentum=0.9, dampening=0.1, backend="triton")
-    eager = SignedSGD(two_groups(eager_params, 3), lr=0.1, momentum=0.9, dampening=0.1, backend="triton")
+    graphed = SignedSGD(two_groups(params, 3), lr=0.1, momentum=0.9, dampening=0.1, backend=backend)
+    eager = SignedSGD(two_groups(eager_params, 3), lr=0.1, momentum=0.9, dampening=0.1, backend=backend)
     set_grads(params, grads_for(0, params))
     set_grads(eager_params, grads_for(0, eager_params))
     graphed.step()  # eager warm-up step: builds the table, compiles the kernel
