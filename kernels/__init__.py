@@ -1,1 +1,1 @@
-"""GPU kernels of seal-fast, one op per file, each with a pure-PyTorch reference in reference.py."""
+"""GPU kernels of seal-fast, one op per file; reference.py holds their fp64 test oracles, cuda/ the optional native build."""

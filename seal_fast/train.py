@@ -220,8 +220,12 @@ def make_optimizer(model, entry: dict, cfg: Config):
     if cfg.optimizer == "torch":
         return torch.optim.SGD(groups, **kw)
     try:
+        if cfg.sgd_backend == "cuda":  # the library and a GPU, checked now rather than at the first step
+            from kernels import cuda
+
+            cuda.require(next(model.parameters()).device)
         return SignedSGD(groups, backend=cfg.sgd_backend, **kw)
-    except RuntimeError as exc:  # backend "cuda" without the built library
+    except RuntimeError as exc:  # backend "cuda" without the built library, or without a GPU
         raise ConfigError(f"--sgd-backend {cfg.sgd_backend}: {exc}") from None
 
 

@@ -136,6 +136,18 @@ def test_built_library_without_a_gpu_is_a_one_line_error(native_library, use_lib
         opt.step()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message")
+def test_trainer_with_the_built_library_but_no_gpu_says_so_in_one_line(native_library, tiny_data, cli, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("SEAL_FAST_CUDA_LIB", str(native_library))
+    done = cli("--data", tiny_data, "--out", tmp_path / "run", "--arch", "resnet10", "--generations", "1",
+               "--epochs", "1", "--warmup", "0", "--ascent-epochs", "0", "--workers", "0", "--sgd-backend", "cuda")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --sgd-backend cuda: ") and "CUDA device only" in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="needs nvcc")
 def test_kernels_compile_for_sm90_without_spills_and_with_128_bit_accesses(tmp_path):
     """What must stay true of the native kernels (the Triton ones have tests/test_kernel_static.py): no spills
