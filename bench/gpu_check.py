@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             run_step(s, min(s.cap_s * max(scale, 1.0) if not args.smoke else s.cap_s, remaining - 5), log, env,
                      results_dir)
-            if s.name == "native" and s.status == "ok":  # the later steps load this build
+            if s.name == "native":  # the later steps load this build (and, if it failed, skip, never rebuild)
                 env["SEAL_FAST_CUDA_LIB"] = str(native_dir / "lib" / "libseal_fast_cuda.so")
     env_info: dict = {}
     for line in steps[0].output.splitlines():  # the env step's one JSON line

@@ -60,3 +60,36 @@ def cli():
                               capture_output=True, text=True, timeout=timeout, env=env)
 
     return run
+
+
+def run_killing(command, checkpoint: Path, attempts: int, max_pause_s: float, seed) -> int:
+    """Run `command(attempt)` (a subprocess argv) again and again, SIGKILLing each run at a random moment after
+    it writes `checkpoint` (the first kill right after a save), until one run finishes; returns the kills.
+    Asserts the finishing run exits 0 and at least one kill happened (else the test proved nothing)."""
+    import random
+    import signal
+    import subprocess
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    rng, kills = random.Random(seed), 0
+    for attempt in range(attempts):
+        proc = subprocess.Popen(command(attempt), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        seen = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:  # until this run has written a checkpoint
+            if checkpoint.exists() and checkpoint.stat().st_mtime_ns != seen:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, max_pause_s) if attempt else 0.0)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err
+        break
+    assert kills >= 1, "the run finished before it could be killed; the test proved nothing"
+    return kills

@@ -5,14 +5,11 @@ bit-identically after SIGKILL, bad input is one line."""
 import copy
 import json
 import os
-import random
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from conftest import run_killing  # tests/ is on sys.path
 
 from seal_fast import checkpoint, pof, train
 from seal_fast.features import load_model
@@ -113,28 +110,8 @@ def test_sigkill_then_resume_is_bit_identical(source, tmp_path):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     assert pof.main(small(source, ref_out)) == 0
     ref = checkpoint.read(ref_out / "last.pt")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    rng, kills = random.Random(0), 0
-    for attempt in range(10):
-        cmd = [sys.executable, "-m", "seal_fast.pof", *small(source, out)] + (["--resume"] if attempt else [])
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        last = out / "last.pt"
-        seen = last.stat().st_mtime_ns if last.exists() else None
-        deadline = time.time() + 120
-        while proc.poll() is None and time.time() < deadline:
-            if last.exists() and last.stat().st_mtime_ns != seen:
-                break
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.3) if attempt else 0.0)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            continue
-        _, err = proc.communicate()
-        assert proc.returncode == 0, err
-        break
-    assert kills >= 1, "finished before any kill; the test proved nothing"
+    kills = run_killing(lambda attempt: [sys.executable, "-m", "seal_fast.pof", *small(source, out)] +
+                        (["--resume"] if attempt else []), out / "last.pt", attempts=10, max_pause_s=0.3, seed=0)
     st = checkpoint.read(out / "last.pt")
     assert st.next_epoch == 3
     for k, v in ref.model.items():

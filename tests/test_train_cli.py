@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from conftest import run_killing  # tests/ is on sys.path
 
 from seal_fast import train
 from seal_fast.data.layout import scan_train
@@ -88,33 +89,10 @@ def test_sigkill_then_resume_is_bit_identical(cli, tiny_data, tmp_path, method, 
     assert res.returncode == 0, res.stderr
     ref_model, ref_opt, _ = final_state(ref_out)
 
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    rng = random.Random(method)
     args = small_run(tiny_data, out, method, "--loader", loader)
-    kills = 0
-    for attempt in range(12):
-        cmd = [sys.executable, "-m", "seal_fast.train", *map(str, args)]
-        if attempt:
-            cmd += ["--resume", str(out)]
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # wait until this process has written a checkpoint (or the start-up is done), then kill at a random moment
-        deadline = time.time() + 120
-        last = out / "last.pt"
-        seen = last.stat().st_mtime_ns if last.exists() else None
-        while proc.poll() is None and time.time() < deadline:
-            if last.exists() and last.stat().st_mtime_ns != seen:
-                break
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.6) if attempt else 0.0)  # the first kill lands right after a save
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            continue
-        stdout, stderr = proc.communicate()
-        assert proc.returncode == 0, stderr
-        break
-    assert kills >= 1, "the run finished before it could be killed; the test proved nothing"
+    kills = run_killing(lambda attempt: [sys.executable, "-m", "seal_fast.train", *map(str, args)] +
+                        (["--resume", str(out)] if attempt else []), out / "last.pt", attempts=12, max_pause_s=0.6,
+                        seed=method)
     model, opt, next_epoch = final_state(out)
     assert next_epoch == 4
     for k, v in ref_model.items():
