@@ -128,6 +128,20 @@ def test_cmake_build_registers_the_operators_with_the_launchers_schemas(native_l
     assert done.stdout.split("\n")[:2] == [f"seal_fast::{s}" for s in fused_sgd.NATIVE_SCHEMAS.values()]
 
 
+def test_operators_trace_under_fake_tensors(native_library):
+    """Meta kernels: torch.compile / export trace the operators with fake CUDA tensors (no GPU needed)."""
+    code = (f"import torch; torch.ops.load_library({str(native_library)!r})\n"
+            "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+            "with FakeTensorMode():\n"
+            "    e = lambda *s, **k: torch.empty(*s, device='cuda', **k)\n"
+            "    rec = e(5, 8, dtype=torch.int64)\n"
+            "    torch.ops.seal_fast.fused_sgd_nonfinite(rec, e(3), e(1), 1, True)\n"
+            "    torch.ops.seal_fast.fused_sgd_update(rec, e(2, 2), e(3), e(1), 1, True, True, True, False)\n"
+            "print('traced')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "traced", done.stderr[-2000:]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message")
 def test_built_library_without_a_gpu_is_a_one_line_error(native_library, use_library):
     use_library(native_library)
@@ -252,3 +266,32 @@ def test_native_loss_scaling_skips_and_applies_like_triton(native, dtype):
 @pytest.mark.gpu
 def test_native_graph_replay_with_new_hyperparameters_matches_eager(native):
     assert_graph_replay_matches_eager("cuda")
+
+
+@pytest.mark.gpu
+def test_native_operator_under_torch_compile_equals_eager(native):
+    """torch.compile(fullgraph=True) of a function that calls the operator: the same update as calling it
+    eagerly (the operator is opaque to the compiler, and the schema's mutation keeps it in the graph)."""
+    from kernels import cuda
+
+    cuda.load()
+    tables = []
+    for _ in range(2):
+        params = [p.detach() for p in make_params(SHAPES_ODD, device="cuda")]
+        grads = [g.to(device="cuda", dtype=torch.float32) for g in grads_for(0, params)]
+        bufs = [torch.zeros_like(p) for p in params]
+        t = fused_sgd.make_table(params, grads, bufs, [0] * len(params), 1)
+        t.set_hyperparameters([0.1], [5e-4], 0.9, 0.0)
+        tables.append((t, params, grads))
+
+    def update(records, hyper, scalars, found_inf, aligned: bool):
+        torch.ops.seal_fast.fused_sgd_update(records, hyper, scalars, found_inf, 0, True, False, False, aligned)
+
+    compiled = torch.compile(update, fullgraph=True)
+    for (t, _, _), fn in zip(tables, (update, compiled)):
+        for s, rec in zip(t.segments, t.views):
+            fn(rec, t.hyper, t.scalars, t.found_inf, s.aligned)
+    torch.cuda.synchronize()
+    for a, b in zip(tables[0][1], tables[1][1]):
+        assert torch.equal(a, b)
+    assert tables[1][0].pending() == [False] * len(tables[1][1])

@@ -1,5 +1,6 @@
 // The PyTorch operators of the native backend: torch.ops.seal_fast.fused_sgd_update / fused_sgd_nonfinite.
-// Registered with TORCH_LIBRARY so CUDA graph capture and torch.compile see real operators. They take
+// Registered with TORCH_LIBRARY so CUDA graph capture and torch.compile see real operators (with Meta no-ops
+// for tracing). They take
 // kernels/fused_sgd.py's table (SGDTable.records / hyper / scalars / found_inf) and launch on the current
 // stream; the launcher is kernels.fused_sgd.native_step. The parameters, gradients and buffers are reached
 // through the records' addresses, so the schema names only the tensors the launch itself is handed.
@@ -59,6 +60,12 @@ void fused_sgd_nonfinite(const at::Tensor& records, const at::Tensor& scalars, a
   TORCH_CHECK(err == cudaSuccess, "seal_fast.fused_sgd_nonfinite: launch failed: ", cudaGetErrorString(err));
 }
 
+// Meta (fake-tensor) kernels: the operators return nothing and their only visible effect is on the tensors the
+// schema marks mutable, so tracing (torch.compile, torch.export) needs just shape-free no-ops.
+void fused_sgd_update_meta(at::Tensor, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, bool,
+                           bool, bool) {}
+void fused_sgd_nonfinite_meta(const at::Tensor&, const at::Tensor&, at::Tensor, int64_t, bool) {}
+
 }  // namespace
 
 // The schemas: kernels/fused_sgd.py (NATIVE_SCHEMAS) states the same strings; tests/test_cuda_backend.py compares.
@@ -71,6 +78,11 @@ TORCH_LIBRARY(seal_fast, m) {
 TORCH_LIBRARY_IMPL(seal_fast, CUDA, m) {
   m.impl("fused_sgd_update", &fused_sgd_update);
   m.impl("fused_sgd_nonfinite", &fused_sgd_nonfinite);
+}
+
+TORCH_LIBRARY_IMPL(seal_fast, Meta, m) {
+  m.impl("fused_sgd_update", &fused_sgd_update_meta);
+  m.impl("fused_sgd_nonfinite", &fused_sgd_nonfinite_meta);
 }
 
 }  // namespace seal_fast
