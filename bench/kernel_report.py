@@ -1,4 +1,5 @@
-"""Every Triton kernel configuration compiled for sm_90 on this machine (no GPU needed), and what the
+"""Every Triton kernel configuration compiled for sm_90 on this machine (no GPU needed), and every
+instantiation of the native CUDA kernels (kernels/cuda/, by nvcc; module "kernels.cuda"), and what the
 compiler made of it: registers, spills, shared memory, global access widths, tensor-core instructions,
 the occupancy the registers allow.
 
@@ -407,6 +408,81 @@ def analyse(spec, kernel, arch: int) -> dict:
     return row
 
 
+# ----------------------------------------------------------------------------------------------------
+# The native CUDA kernels (kernels/cuda/fused_sgd.cu): nvcc, not Triton, compiles them
+
+NATIVE_SOURCE = ROOT / "kernels" / "cuda" / "fused_sgd.cu"
+NATIVE_THREADS = 256  # THREADS in fused_sgd.cu: 8 warps a block
+# fused_sgd_kernel<T, MOMENTUM, NESTEROV, SCALED, ALIGNED> / nonfinite_kernel<T, ALIGNED>, as mangled names
+_NATIVE_NAME = re.compile(r"(fused_sgd_kernel|nonfinite_kernel)I(f|6__half|13__nv_bfloat16)((?:Lb[01]E)+)E")
+_NATIVE_DTYPE = {"f": "fp32", "13__nv_bfloat16": "bf16", "6__half": "fp16"}
+_GENERIC = re.compile(r"^\s*((?:ld|st)\.(?!global|param|shared|local|const)\S+)", re.MULTILINE)
+
+
+def native_rows(arch: int = 90) -> list[dict]:
+    """Every instantiation of the native kernels compiled by nvcc for sm_<arch> (PTX, then ptxas -v): the
+    report's columns where they apply, plus `generic` (ld / st without a state space: slower than ld.global).
+    One row with an `error` when nvcc is missing or fails."""
+    import shutil
+
+    base = {"module": "kernels.cuda", "source": _git_short(NATIVE_SOURCE)}
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return [dict(base, kernel="fused_sgd.cu", label="native fused_sgd", error="nvcc not found on PATH")]
+    version = re.search(r"release ([\d.]+)", subprocess.run([nvcc, "--version"], capture_output=True,
+                                                             text=True).stdout)
+    compiler = f"nvcc {version.group(1) if version else '?'}"
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        ptx_path = Path(d) / "fused_sgd.ptx"
+        steps = [[nvcc, "-std=c++17", "-O3", f"-arch=sm_{arch}", "-ptx", str(NATIVE_SOURCE), "-o", str(ptx_path)],
+                 [nvcc, f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", str(ptx_path), "-o", str(Path(d) / "k.cubin")]]
+        logs = []
+        for cmd in steps:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                return [dict(base, kernel="fused_sgd.cu", label="native fused_sgd",
+                             error=f"{' '.join(cmd[:2])} failed: {(done.stderr or done.stdout).strip()[:300]}")]
+            logs.append(done.stdout + done.stderr)
+        ptx = ptx_path.read_text()
+    seconds = time.perf_counter() - t
+    target = (re.search(r"^\s*\.target\s+(\w+)", ptx, re.MULTILINE) or [None, f"sm_{arch}?"])[1]
+    rows = []
+    for body in re.split(r"\.entry\s+", ptx)[1:]:
+        name = body.split("(")[0].strip()
+        m = _NATIVE_NAME.search(name)
+        if not m:
+            continue
+        flags = [f == "1" for f in re.findall(r"Lb([01])E", m.group(3))]
+        dtype = _NATIVE_DTYPE[m.group(2)]
+        if m.group(1) == "fused_sgd_kernel":
+            momentum, nesterov, scaled, aligned = flags
+            facts = dict(kernel="update", dtype=dtype, aligned=aligned, momentum=momentum, nesterov=nesterov,
+                         scaled=scaled)
+            mode = "nesterov" if nesterov else "momentum" if momentum else "plain"
+            label = f"native fused_sgd update {dtype} {mode}{' scaled' if scaled else ''} " \
+                    f"{'aligned' if aligned else 'unaligned'}"
+        else:
+            aligned = flags[0]
+            facts = dict(kernel="nonfinite", dtype=dtype, aligned=aligned)
+            label = f"native fused_sgd nonfinite {dtype} {'aligned' if aligned else 'unaligned'}"
+        res = ptxas_resources(logs[1], name)
+        acc = ptx_accesses(body)
+        row = dict(base, kernel=m.group(1), label=label, facts=json.dumps(facts, sort_keys=True),
+                   num_warps=NATIVE_THREADS // 32, num_stages="-", target=target, ptxas=compiler,
+                   regs=res.get("regs", "n/a: no ptxas -v log"), regs_source="ptxas -v", local="n/a", shared=0,
+                   cp_async="0", tensor_ld="-", tensor_st="-", wgmma=0, mma=0, sass_mma="n/a",
+                   generic=len(_GENERIC.findall(body)), ptxas_notes=res.get("ptxas_notes", ""),
+                   compile_s=round(seconds, 2))
+        for key in ("spill_st", "spill_ld", "stack"):
+            row[key] = res.get(key, "n/a: no ptxas -v log")
+        row["ld"], row["ld_bits"] = _width_summary(acc, "ld")
+        row["st"], row["st_bits"] = _width_summary(acc, "st")
+        row["warps_regs"], row["warps_sm"] = occupancy(row["regs"], row["num_warps"], 0)
+        rows.append(row)
+    return rows
+
+
 def _specs(module: str):
     mod = importlib.import_module(module)
     if not hasattr(mod, "compile_specs"):
@@ -467,7 +543,8 @@ def _collect_here(modules, arch, quick, jobs) -> dict:
 
     root = Path(importlib.import_module("kernels").__file__).resolve().parent.parent
     found = kernel_modules(root)
-    modules = list(modules or found)
+    modules_given = list(modules or [])
+    modules = [m for m in (modules or found) if m != "kernels.cuda"]
     jobs_list, errors, kernels, sources = [], [], {}, {}
     for module in modules:
         try:
@@ -505,6 +582,8 @@ def _collect_here(modules, arch, quick, jobs) -> dict:
         if f not in sources:
             sources[f] = _git_short(Path(f)) if f else "unknown"
         r["source"] = sources[f]
+    if not modules_given or "kernels.cuda" in modules_given:  # the native kernels: nvcc's, beside Triton's
+        rows += native_rows(arch)
     from triton.backends.nvidia.compiler import get_ptxas
 
     tool = get_ptxas(arch)
@@ -545,6 +624,9 @@ def main(argv=None) -> int:
     ok = [r for r in rows if "error" not in r]
     print(f"# Triton {env['triton']}, ptxas {env['ptxas']}, target {ok[0]['target'] if ok else 'sm_' + str(args.arch)}"
           f", kernels from {env['kernels_root']}; {len(rows)} configs in {wall:.1f} s")
+    native = sorted({r["ptxas"] for r in ok if r.get("module") == "kernels.cuda"})
+    if native:
+        print(f"# the native kernels (module kernels.cuda) by {', '.join(native)} and its ptxas, 256 threads a block")
     if ok:
         print_table(ok, COLUMNS)
     for r in ok:
