@@ -34,6 +34,9 @@ skip ptxas and so its log), then read:
                                                                              per block)
       warps_sm       = min(64, num_warps * min(blocks_regs, blocks_smem, 32))
 
+Another Triton (the GPU machine has 3.6): `pip install --target DIR triton==3.6.0`, then
+`PYTHONPATH=DIR python bench/kernel_report.py --no-csv` compiles the same configurations with it.
+
 Rows are appended to bench/results/kernels.csv (or --csv) with the compiler (Triton version, the ptxas
 Triton used), target, date and git commit, and the short git hash of each kernel file (`source`), so a
 row names exactly the code it was compiled from. Nothing is cached between runs.

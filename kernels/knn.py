@@ -165,6 +165,16 @@ class Config:
     num_stages: int
 
 
+def _triton_version() -> tuple[int, int]:
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+# fp32 "ieee" dot on unaligned rows: element-wise loads, so the shortest D step that keeps the registers in hand.
+# Triton >= 3.8 takes K = 8 there (254 registers, no spills at sm_90); Triton 3.6 (the GPU machine's) refuses
+# tl.dot with K < 16, and at K = 16 it stays at 214 registers without spills (Triton 3.8 would spill at 16).
+_UNALIGNED_IEEE_BLOCK_D = 8 if _triton_version() >= (3, 8) else 16
+
+
 def list_slots(k: int) -> int:
     """KP: the power of two >= the list length of one pass (k, at most K_PER_PASS), at least 16."""
     return max(16, triton.next_power_of_2(min(k, K_PER_PASS)))
@@ -182,7 +192,7 @@ def pick_config(dtype: torch.dtype, precision: str | None, kp: int, aligned: boo
     if not gpu:
         return Config(16, 32, 32, 4, 1)
     if dtype == torch.float32 and precision == "ieee":  # CUDA-core FMA dot: operands in registers, small steps
-        return Config(32, 64, 16 if aligned else 8, 4, 2)
+        return Config(32, 64, 16 if aligned else _UNALIGNED_IEEE_BLOCK_D, 4, 2)
     block_n = 128 if kp <= 32 else 64                  # KP = 64: the list takes the accumulator's registers
     if not aligned:
         return Config(64, block_n, 16 if block_n == 128 or dtype == torch.float32 else 32, 4, 3)
