@@ -1,4 +1,4 @@
-"""`python -m seal_fast.report RUN_DIR... [--out DIR]`: the paper's table from run folders.
+"""`python -m seal_fast.report RUN_DIR... [--studies DIR...] [--out DIR]`: the paper's table from run folders.
 
 RUN_DIR is a run folder (config.json + metrics.jsonl) or a sweep folder holding run folders. Per run kind
 (normal160 = normal with 1 generation, normal, llf, seal) over its seeds: the val top-1 the paper reports
@@ -8,6 +8,10 @@ and the paper's number beside the first. Unfinished runs get rows of their own, 
 with finished ones. Writes table.md, table.csv and curves.png (val top-1 per epoch, one colour per kind,
 seeds as a band, SEAL's ascent epochs shaded) into --out (default: the sweep folder, or the current folder
 for several).
+
+`--studies DIR...` puts the studies of a set of checkpoints (the --out folders of seal_fast.depth, .transfer,
+.fewshot and .hessian) side by side on one page, study.md, with their plots (seal_fast/study_page.py); --out
+defaults to runs/study-<timestamp> when no RUN_DIR is given.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import statistics
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from .errors import ConfigError, DataError, cli_main
@@ -182,9 +187,24 @@ def plot(runs: list[RunRecord], path: Path) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m seal_fast.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders or sweep folders")
-    p.add_argument("--out", metavar="DIR", help="where table.md / table.csv / curves.png go")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders or sweep folders")
+    p.add_argument("--studies", nargs="+", metavar="DIR",
+                   help="the --out folders of seal_fast.depth / transfer / fewshot / hessian: study.md side by side")
+    p.add_argument("--out", metavar="DIR", help="where table.md / table.csv / curves.png (and study.md) go")
     args = p.parse_args(argv)
+    if not args.runs and not args.studies:
+        p.error("give RUN_DIR... (the table) and / or --studies DIR... (the study page)")
+    if args.studies:
+        from .study_page import find_sources, write_page
+
+        sources = find_sources(args.studies)  # every folder read and checked before anything is written
+        if not args.runs:
+            from .runtime import make_out_folder
+
+            out = make_out_folder(args.out or f"runs/study-{datetime.now():%Y%m%d-%H%M%S}")
+            written = write_page(args.studies, out, sources)
+            print(f"wrote {', '.join(map(str, written))} ({len(sources)} study files)")
+            return 0
     runs = find_runs(args.runs)
     out = Path(args.out) if args.out else (Path(args.runs[0]) if len(args.runs) == 1 and
                                            not (Path(args.runs[0]) / "config.json").exists() else Path("."))
@@ -194,6 +214,8 @@ def run(argv: list[str] | None = None) -> int:
     plot(runs, out / "curves.png")
     print((out / "table.md").read_text())
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'curves.png'} ({len(runs)} runs)")
+    if args.studies:
+        print(f"wrote {', '.join(map(str, write_page(args.studies, out, sources)))} ({len(sources)} study files)")
     return 0
 
 
