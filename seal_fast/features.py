@@ -215,6 +215,22 @@ def files_fingerprint(files: list[str], labels: list[int]) -> str:
     return h.hexdigest()
 
 
+def add_extraction_args(p) -> None:
+    """The flags of every study that extracts features (transfer, fewshot): forward batch, workers, device,
+    precision and the feature cache. The study reads them as args.batch_size / workers / device / amp /
+    cache_dir / no_cache."""
+    import argparse
+
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--workers", type=int, default=-1, help="data-loader workers (default: from the CPU count)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="bf16 forward (default: on with CUDA; on a CPU only where bf16 is native)")
+    p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default $SEAL_FAST_CACHE/features, i.e. "
+                                                      "~/.cache/seal_fast/features)")
+    p.add_argument("--no-cache", action="store_true", help="extract features every time, store none")
+
+
 def default_cache_dir() -> Path:
     from .data.synthetic import cache_root
 

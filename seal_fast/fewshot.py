@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError, cli_main
+from .features import add_extraction_args
 from .runtime import default_workers, free_memory, make_out_folder
 
 PRETRAIN_SIZE = 64
@@ -272,13 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=100, help="Newton iterations per batch of episodes at most "
                                                               "(default 100; about 10 are needed)")
     p.add_argument("--tol", type=float, default=1e-6, help="stop when the largest gradient entry is below this")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-    p.add_argument("--workers", type=int, default=-1, help="data-loader workers (default: from the CPU count)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="bf16 forward (default: on with CUDA; on a CPU only where bf16 is native)")
-    p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default $SEAL_FAST_CACHE/features)")
-    p.add_argument("--no-cache", action="store_true", help="extract features every time, store none")
+    add_extraction_args(p)
     return p
 
 

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import ConfigError, DataError, cli_main
+from .features import add_extraction_args
 from .runtime import default_workers, make_out_folder, pick_device
 
 PRETRAIN_SIZE = 64
@@ -429,14 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the held-out val split when a dataset has no val (default 0)")
     p.add_argument("--max-iter", type=int, default=MAX_ITER, help="L-BFGS iterations per fit at most (default 1000)")
     p.add_argument("--tol", type=float, default=TOL, help="stop when the largest gradient entry is below this")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-    p.add_argument("--workers", type=int, default=-1, help="data-loader workers (default: from the CPU count)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="bf16 forward (default: on with CUDA; on a CPU only where bf16 is native)")
-    p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default $SEAL_FAST_CACHE/features, i.e. "
-                                                      "~/.cache/seal_fast/features)")
-    p.add_argument("--no-cache", action="store_true", help="extract features every time, store none")
+    add_extraction_args(p)
     return p
 
 
