@@ -267,16 +267,23 @@ def ptxas_resources(log: str, kernel: str) -> dict:
     return out
 
 
-def cuobjdump_resources(cubin: bytes, kernel: str) -> dict:
-    """REG / STACK / SHARED / LOCAL of one function from `cuobjdump --dump-resource-usage` (the cubin in a temp
-    file); {} when cuobjdump is missing or says nothing."""
+def _cuobjdump(cubin: bytes, flag: str):
+    """`cuobjdump FLAG` of the cubin (written to a temp file): the CompletedProcess, None without cuobjdump."""
     tool = _tool("cuobjdump")
     if tool is None:
-        return {}
+        return None
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "k.cubin"
         f.write_bytes(cubin)
-        r = subprocess.run([tool, "--dump-resource-usage", str(f)], capture_output=True, text=True, check=False)
+        return subprocess.run([tool, flag, str(f)], capture_output=True, text=True, check=False)
+
+
+def cuobjdump_resources(cubin: bytes, kernel: str) -> dict:
+    """REG / STACK / SHARED / LOCAL of one function from `cuobjdump --dump-resource-usage`; {} when cuobjdump
+    is missing or says nothing."""
+    r = _cuobjdump(cubin, "--dump-resource-usage")
+    if r is None:
+        return {}
     m = re.search(rf"Function {re.escape(kernel)}:\s*\n\s*(.*)", r.stdout)
     if not m:
         return {}
@@ -285,14 +292,8 @@ def cuobjdump_resources(cubin: bytes, kernel: str) -> dict:
 
 def sass_mma(cubin: bytes) -> dict:
     """Counts of HGMMA (wgmma) and HMMA (mma.sync) instructions in the SASS; {} without cuobjdump."""
-    tool = _tool("cuobjdump")
-    if tool is None:
-        return {}
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "k.cubin"
-        f.write_bytes(cubin)
-        r = subprocess.run([tool, "-sass", str(f)], capture_output=True, text=True, check=False)
-    if r.returncode != 0 or "Function" not in r.stdout:
+    r = _cuobjdump(cubin, "-sass")
+    if r is None or r.returncode != 0 or "Function" not in r.stdout:
         return {}
     ins = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", r.stdout)
     return {"hgmma": sum(i == "HGMMA" for i in ins), "hmma": sum(i == "HMMA" for i in ins)}

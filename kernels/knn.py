@@ -307,16 +307,16 @@ def _topk_torch(queries: torch.Tensor, support: torch.Tensor, k: int, metric: st
         if exclude is not None:
             e = exclude[lo:lo + chunk].to(d.device)
             hit = (e >= 0) & (e < n)
-            d[hit.nonzero().squeeze(1), e[hit]] = float("inf")
+            rows, cols = hit.nonzero().squeeze(1), e[hit]
+            d[rows, cols] = float("inf")
             invalid = torch.zeros_like(d, dtype=torch.bool)
-            invalid[hit.nonzero().squeeze(1), e[hit]] = True
+            invalid[rows, cols] = True
         d, order = torch.sort(d, dim=1, stable=True)
         d, order = d[:, :k], order[:, :k]
         if exclude is not None:
             order = torch.where(invalid.gather(1, order), -1, order)
         if metric == "l2":
             d = d.sqrt()
-        d = d.float()
         if d.shape[1] < k:  # fewer support points than k
             pad = k - d.shape[1]
             d = torch.cat([d, d.new_full((d.shape[0], pad), float("inf"))], 1)

@@ -56,8 +56,8 @@ class Config:
 DEMO_OVERRIDES = dict(generations=2, epochs=4, ascent_epochs=1, warmup=2, preset="demo")
 
 # Keys that may differ between a run and its resume without changing the science.
-RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer", "sgd_backend", "loader", "cuda_graph", "keep_generations",
-                    "tensorboard")
+RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer", "sgd_backend", "loader", "cuda_graph",
+                    "keep_generations", "tensorboard")
 
 
 def make_config(explicit: dict, preset: str) -> Config:

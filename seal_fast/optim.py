@@ -7,8 +7,9 @@
 - backend "triton": kernels/fused_sgd.py, one launch per parameter dtype for all groups (a second, small
   one when some tensor is not 16-byte aligned or its length not a multiple of 16 bytes) (CUDA, or the
   CPU under TRITON_INTERPRET=1); "cuda": the native CUDA C++ twin of that kernel (kernels/cuda/, opt-in:
-  `make cuda`; a CUDA device only); "torch": the same step in PyTorch ops (kernels/fused_sgd_torch.py); "auto": triton on CUDA (no GPU figure
-  has yet shown the native kernel faster), torch on CPU. All backends walk the same table
+  `make cuda`; a CUDA device only); "torch": the same step in PyTorch ops (kernels/fused_sgd_torch.py);
+  "auto": triton on CUDA (no GPU figure has yet shown the native kernel faster), torch on CPU. All backends
+  walk the same table
   (kernels.fused_sgd.SGDTable, made by kernels.fused_sgd.make_table).
 - momentum, dampening and nesterov are shared by all groups; lr and weight_decay are per group.
 - Hyper-parameters live in device tensors. `step()` copies changed group values there (a host-to-device
@@ -77,19 +78,15 @@ class SignedSGD(torch.optim.Optimizer):
                  weight_decay: float = 0.0, nesterov: bool = False, backend: str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"SignedSGD: backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if backend == "cuda":  # fail here, not at the first step, when the library is missing
-            from kernels import cuda
-
-            try:
-                cuda.load()
-            except cuda.NativeUnavailable as exc:
-                raise RuntimeError(f"SignedSGD: backend 'cuda': {exc}") from None
         if momentum < 0 or weight_decay < 0:
             raise ValueError("SignedSGD: momentum and weight_decay cannot be negative (a negative lr means ascent)")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SignedSGD: Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov))
+        if backend == "cuda":  # fail here, not at the first step, without the library or a GPU
+            first = next((p for g in self.param_groups for p in g["params"]), None)
+            self._require_native(first.device if first is not None else torch.device("cuda"))
         self.backend = backend
         self._table = None    # kernels.fused_sgd.SGDTable of the parameters that have gradients
         self._watch = None    # _Watch: is that table still valid
@@ -110,8 +107,18 @@ class SignedSGD(torch.optim.Optimizer):
                                      f"({first[key]!r} != {g[key]!r}); lr and weight_decay may differ")
         return float(first["momentum"]), float(first["dampening"]), bool(first["nesterov"])
 
+    @staticmethod
+    def _require_native(device: torch.device) -> None:
+        """The native library loads and `device` is a usable GPU; else a one-line RuntimeError."""
+        from kernels import cuda
+
+        try:
+            cuda.require(device)
+        except cuda.NativeUnavailable as exc:
+            raise RuntimeError(f"SignedSGD: backend 'cuda': {exc}") from None
+
     def _kernel(self, device: torch.device) -> str:
-        """Which implementation runs the step: "triton", "cuda" (native) or "torch" (the reference)."""
+        """Which implementation runs the step: "triton", "cuda" (native) or "torch" (PyTorch ops)."""
         if self.backend == "auto":
             return "triton" if device.type == "cuda" else "torch"
         return self.backend
@@ -151,12 +158,7 @@ class SignedSGD(torch.optim.Optimizer):
         if any(p.device != device for _, p in entries):
             raise ValueError("SignedSGD: all parameters must be on one device")
         if self.backend == "cuda":
-            from kernels import cuda
-
-            try:
-                cuda.require(device)
-            except cuda.NativeUnavailable as exc:
-                raise RuntimeError(f"SignedSGD: backend 'cuda': {exc}") from None
+            self._require_native(device)
         params = [p for _, p in entries]
         for p in params:
             if not same_layout(p.grad, p):  # keep the gradient in the parameter's layout from now on

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--optimizer", choices=("signed", "torch"),
       help="signed: the fused SignedSGD (default); torch: torch.optim.SGD as in the published code")
     a("--sgd-backend", choices=("auto", "triton", "cuda", "torch"),
-      help="SignedSGD's kernel: auto (default: Triton on a GPU, the PyTorch reference on a CPU), triton, "
+      help="SignedSGD's kernel: auto (default: Triton on a GPU, PyTorch ops on a CPU), triton, "
            "cuda (the native CUDA C++ kernel: build it first with `make cuda`) or torch")
     a("--preset", choices=("paper", "demo"),
       help="defaults to start from (default: demo without --data, paper with --data or --dry-run)")
@@ -220,10 +220,6 @@ def make_optimizer(model, entry: dict, cfg: Config):
     if cfg.optimizer == "torch":
         return torch.optim.SGD(groups, **kw)
     try:
-        if cfg.sgd_backend == "cuda":  # the library and a GPU, checked now rather than at the first step
-            from kernels import cuda
-
-            cuda.require(next(model.parameters()).device)
         return SignedSGD(groups, backend=cfg.sgd_backend, **kw)
     except RuntimeError as exc:  # backend "cuda" without the built library, or without a GPU
         raise ConfigError(f"--sgd-backend {cfg.sgd_backend}: {exc}") from None
