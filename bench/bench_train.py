@@ -52,14 +52,24 @@ def sync(device):
 
 
 def measure(root: str, setup: str, batch: int, epochs: int, workers: int, out: Path) -> dict:
+    t0 = time.perf_counter()
+    phases = []
+
+    def phase(name):  # where the bench's own time goes, printed as it goes (a killed run still says)
+        phases.append(f"{name} {time.perf_counter() - t0:.1f} s")
+        print(f"  {setup} batch {batch}: {phases[-1]}", flush=True)
+
     cfg = Config(data=root, arch="resnet50", batch_size=batch, workers=workers, **SETUPS[setup])
     tr = Trainer(cfg, out, say=lambda m: None)
+    phase("built")
     if setup == "reference":  # the published code's optimizer: torch.optim.SGD's default for-loop
         for g in tr.optimizer.param_groups:
             g["foreach"] = False
     plan = tr.plan
     apply_entry(tr.optimizer, plan[0])
     tr.train_epoch(plan[0])                                        # warm-up: cuDNN, graph capture, caches
+    sync(tr.device)
+    phase("warm-up epoch")
     steps = len(tr.loaders.train)
     per_step = []
     for e in range(1, epochs + 1):
@@ -68,6 +78,7 @@ def measure(root: str, setup: str, batch: int, epochs: int, workers: int, out: P
         tr.train_epoch(plan[e])
         sync(tr.device)
         per_step.append((time.perf_counter() - t) / steps * 1e3)
+    phase(f"{epochs} timed epoch(s)")
     tr.evaluate()                                                  # warm-up (the eval graph)
     sync(tr.device)
     t = time.perf_counter()
@@ -80,6 +91,7 @@ def measure(root: str, setup: str, batch: int, epochs: int, workers: int, out: P
     t = time.perf_counter()
     checkpoint.save(state, out / "last.pt")   # written on a thread behind the next epoch
     write_s = time.perf_counter() - t
+    phase("evaluation and checkpoint")
     ms = statistics.median(per_step)
     n_eval = sum(e["evaluate"] for e in build_plan(Config(method="seal")))
     per_image_eval = eval_s / tr.loaders.val.num_images
@@ -134,22 +146,25 @@ def main() -> None:
 
         root = str(ensure_synthetic(num_classes=200, train_per_class=args.per_class,
                                     val_per_class=max(1, args.per_class // 5), size=64)[0])
-    rows = []
+    rows, columns = [], ["setup", "batch", "loader", "graphed", "ms_per_step", "images_per_s",
+                         "tiny_epoch_with_eval_s", "checkpoint_write_s", "seal_schedule_hours", "speedup_vs_reference"]
     for batch in args.batch:
         by_setup = {}
         for setup in args.setups:
             with tempfile.TemporaryDirectory() as tmp:
                 row, tr = measure(root, setup, batch, args.epochs, args.workers, Path(tmp))
+                by_setup[setup] = row
+                row = dict(env, bench="train", data=root, **row)
+                if setup == "ours" and "reference" in by_setup:
+                    row["speedup_vs_reference"] = by_setup["reference"]["ms_per_step"] / row["ms_per_step"]
+                # each row is written as soon as it is measured: a run stopped later (a time box) keeps it
+                path = append_rows("train", [row])
+                rows.append(row)
+                print_table([row], columns)
                 if args.profile and cuda and setup == "ours":
-                    print(f"profile: {profile(tr, batch, env)}")
+                    print(f"profile: {profile(tr, batch, env)}", flush=True)
                 del tr
-            by_setup[setup] = row
-            rows.append(dict(env, bench="train", data=root, **row))
-        if "reference" in by_setup and "ours" in by_setup:
-            rows[-1]["speedup_vs_reference"] = by_setup["reference"]["ms_per_step"] / by_setup["ours"]["ms_per_step"]
-    print_table(rows, ["setup", "batch", "loader", "graphed", "ms_per_step", "images_per_s", "tiny_epoch_with_eval_s",
-                       "checkpoint_write_s", "seal_schedule_hours", "speedup_vs_reference"])
-    path = append_rows("train", rows)
+    print_table(rows, columns)
     print(f"appended {len(rows)} rows to {path} ({env['device']}, torch {env['torch']})")
 
 

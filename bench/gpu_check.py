@@ -87,8 +87,8 @@ def plan(smoke: bool, data_dir: Path, run_dir: Path, native_dir: Path) -> list[S
         Step("sgd", [py, f"{b}/bench_sgd.py"], 50, "sgd"),
         Step("knn", [py, f"{b}/bench_knn.py", "--q", "10000", "--n", "100000", "--d", "256", "2048", "--k", "30",
                      "--dtypes", "bf16", "fp32"], 70, "knn"),
-        Step("train", [py, f"{b}/bench_train.py", "--data", str(data_dir), "--batch", "32", "256", "--epochs", "3",
-                       "--profile"], 130, "train"),
+        Step("train", [py, f"{b}/bench_train.py", "--data", str(data_dir), "--batch", "32", "256", "--epochs", "2",
+                       "--profile"], 170, "train"),  # 3 epochs did not fit 130 s on an H200 (2026-12-04)
         Step("data", [py, f"{b}/bench_data.py", "--data", str(data_dir), "--seconds", "2",
                       "--loaders", "cache,torch,dali"], 45, "data"),
         Step("depth", [py, f"{b}/bench_depth.py", "--train", "100000", "--val", "10000"], 90, "depth"),
@@ -252,8 +252,8 @@ def targets(steps: dict[str, Step], cuda: bool) -> list[tuple[str, str, str, str
     knn = steps["knn"].rows if "knn" in steps else []
     for d in ("2048", "256"):
         fused = first(knn, case="fused", d=d, dtype="bf16")
-        base = [num(r, "median_ms") for r in knn if r.get("d") == d and r.get("dtype") == "bf16"
-                and r.get("case") not in ("fused",) and num(r, "median_ms")]
+        base = [num(r, "median_ms") for r in knn if r.get("d") == d and r.get("dtype") == "bf16"  # torch's cases
+                and not r.get("case", "").startswith("fused") and num(r, "median_ms")]
         speed = (min(base) / num(fused, "median_ms")) if base and num(fused, "median_ms") else None
         line(f"KNN bf16 D={d} Q=10k N=100k k=30, share of dense bf16 peak", "knn", num(fused, "frac_of_peak"),
              ">= 0.50", "{:.2f}", 0.50)

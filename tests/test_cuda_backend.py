@@ -23,6 +23,7 @@ from test_fused_sgd import (  # the same synthetic parameters, gradients and run
     assert_close_to_reference,
     assert_graph_replay_matches_eager,
     clone,
+    flat,
     grads_for,
     make_params,
     run,
@@ -213,7 +214,11 @@ def test_native_equals_reference_and_triton_step_for_step(native, dtype, nestero
     """55 steps with a momentum reset at 20 and a sign flip of every group at 35, odd sizes, channels-last
     weights, two groups (ascent without wd, descent with it). fp32 without dampening: bit-identical to the
     PyTorch reference on the GPU (same roundings, same order); otherwise within the project's rule
-    (|ours - fp64| <= 2 |torch.optim.SGD - fp64| + atol) and as close to Triton as that rule allows."""
+    (|ours - fp64| <= 2 |torch.optim.SGD - fp64| + atol) and as close to Triton as that rule allows:
+    |native - Triton| <= 2 |torch.optim.SGD - fp64| + atol, over all parameters (tests/test_fused_sgd.py says why). (A bound relative to the final values,
+    2 eps, was wrong: the two kernels contract different products into FMAs, and 55 steps of momentum carry those
+    roundings at the scale of the largest intermediate, not of the result. On an H200, fp32: 1.2e-6 apart on a value
+    of 0.37, both kernels within the rule.)"""
     params = make_params(_shapes(), dtype=dtype, channels_last=(5, 6), device="cuda")
     triton_p, ref_p, sgd_p, f64 = clone(params), clone(params), clone(params), clone(params, torch.float64)
     kw = dict(momentum=0.9, dampening=dampening, nesterov=nesterov, weight_decay=5e-4)
@@ -228,8 +233,9 @@ def test_native_equals_reference_and_triton_step_for_step(native, dtype, nestero
     if dtype == torch.float32 and dampening == 0.0:
         for a, b in zip(params, ref_p):
             assert torch.equal(a, b), (a - b).abs().max().item()
-    for a, b in zip(params, triton_p):
-        torch.testing.assert_close(a, b, rtol=2 * torch.finfo(dtype).eps, atol=ATOL[dtype])
+    apart = (flat(params) - flat(triton_p)).abs().max().item()
+    torch_err = (flat(sgd_p) - flat(f64)).abs().max().item()
+    assert apart <= 2 * torch_err + ATOL[dtype], (apart, torch_err)
 
 
 @pytest.mark.gpu

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.knn import MAX_K, empty_topk, knn_predict, knn_topk, merge_topk, vote
+from kernels.knn import MAX_K, default_splits, empty_topk, knn_predict, knn_topk, merge_topk, vote
 from kernels.reference import knn_topk_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -189,6 +189,19 @@ def test_knn_predict_on_clusters():
     assert knn_predict(queries[:1], support, noisy, k=30, num_classes=5).item() == 0
     with pytest.raises(ValueError, match="labels"):
         knn_predict(queries, support, labels[:-1], k=3, num_classes=5)
+
+
+def test_default_splits_fill_the_gpu_within_the_memory_bound():
+    """The lists of the default slices stay within 1/40 of a Q x N fp32 distance matrix (the GPU test below allows
+    1/20 for everything knn_topk allocates); at the depth study's size they still give 4 programs per SM. On an
+    H200 (132 SMs) the GPU test's size once took 33 slices: 7.9 MB of keys, twice with a reordering copy."""
+    for q, n, k, block_q, block_n in ((1000, 20_000, 30, 64, 128), (1000, 20_000, 30, 32, 64),
+                                      (10_000, 100_000, 30, 64, 128), (5, 1_000_000, 64, 64, 64)):
+        q_blocks = -(-q // block_q)
+        s = default_splits(q_blocks, n, k, block_n, sms=132)
+        assert 1 <= s and q * s * k * 8 <= q * n * 4 / 40, (q, n, k, s)
+    assert default_splits(157, 100_000, 30, 128, sms=132) * 157 >= 4 * 132   # the depth study: the GPU is full
+    assert default_splits(1, 10, 30, 128, sms=132) == 1 and default_splits(16, 20_000, 30, 128, sms=0) == 1
 
 
 @pytest.mark.gpu

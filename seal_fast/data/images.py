@@ -31,15 +31,20 @@ def load_rgb(path: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std as [1,3,1,1] tensors on `device`, made once (not per batch)."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """255 as a 0-dim tensor, ImageNet mean and std as [1,3,1,1] tensors, on `device`, made once (not per batch).
+
+    The 255 is a tensor on purpose: PyTorch's CUDA division by a Python number multiplies by its reciprocal
+    (one rounding more), which put the GPU loaders 1 ulp (7e-7) off the CPU's true division on an H200."""
+    return (torch.tensor(255.0, device=device), torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(STD, device=device).view(1, 3, 1, 1))
 
 
 def normalize(images: torch.Tensor, device: torch.device, channels_last: bool,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> normalized `dtype` on `device` (ToTensor then Normalize, same arithmetic)."""
-    x = images.to(device, non_blocking=True).float().div_(255)
-    mean, std = mean_std(torch.device(device))
+    """uint8 [B,3,H,W] -> normalized `dtype` on `device` (ToTensor then Normalize, same arithmetic: true
+    divisions, on the CPU and the GPU alike)."""
+    scale, mean, std = mean_std(torch.device(device))
+    x = images.to(device, non_blocking=True).float().div_(scale)
     x = x.sub_(mean).div_(std).to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
