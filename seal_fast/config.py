@@ -6,9 +6,11 @@ Pure Python (no torch), so that the dry-run plan and the checks below run withou
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 METHODS = ("seal", "llf", "normal")
 ARCHS = ("resnet50", "resnet18", "resnet10")  # resnet50 is the recipe; the others are for tests and quick looks
@@ -58,6 +60,31 @@ DEMO_OVERRIDES = dict(generations=2, epochs=4, ascent_epochs=1, warmup=2, preset
 # Keys that may differ between a run and its resume without changing the science.
 RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer", "sgd_backend", "loader", "cuda_graph",
                     "keep_generations", "tensorboard")
+
+
+def read_json(path: str | os.PathLike, fix: str):
+    """A JSON file handed to a command, as data (json: nothing in it runs, unlike a pickle or a YAML loader with tags).
+    A file that cannot be read or parsed (also: nested too deep, an integer too long) is a DataError naming it,
+    ending with `fix`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        why = "nested too deep" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:200]
+        raise DataError(f"{path}: not readable JSON ({why}); {fix}") from None
+
+
+def read_saved_config(path: str | os.PathLike) -> dict:
+    """A run folder's config.json (what the trainer wrote): a JSON object whose method is a string and whose
+    generations / epochs are positive integers, else a DataError line naming the file."""
+    fix = "it is not a config.json the trainer wrote: restore it, or leave that folder out"
+    cfg = read_json(path, fix)
+    ok = (isinstance(cfg, dict) and isinstance(cfg.get("method"), str)
+          and all(type(cfg.get(k)) is int and cfg[k] >= 1 for k in ("generations", "epochs"))
+          and type(cfg.get("seed", 0)) is int)
+    if not ok:
+        raise DataError(f"{path}: not a run's settings (a JSON object with method, generations, epochs, seed); {fix}")
+    return cfg
 
 
 def make_config(explicit: dict, preset: str) -> Config:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from kernels.knn import empty_topk, knn_topk, merge_topk, vote
 
+from . import checkpoint
 from .errors import ConfigError, DataError, cli_main
 from .features import load_model
 from .models import forward_probes, probe_names
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 forward and embeddings (default: on with CUDA)")
     p.add_argument("--workers", type=int, default=-1, help="data-loader workers (default: from the CPU count)")
     p.add_argument("--loader", choices=("auto", "torch", "cache"), default="auto")
+    checkpoint.add_trust_flag(p)
     return p
 
 
@@ -343,7 +345,8 @@ def run(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--checkpoint {path}: no such file (a training run writes last.pt and best.pt)")
     out = make_out_folder(args.out or f"runs/depth-{datetime.now():%Y%m%d-%H%M%S}")
 
-    models = [load_model(p, device, channels_last=device.type == "cuda") for p in args.checkpoint]
+    models = [load_model(p, device, channels_last=device.type == "cuda", trust=args.trust_checkpoint)
+              for p in args.checkpoint]
     root = args.data or models[0][1].get("data")
     if root is None:
         from .data.synthetic import ensure_synthetic

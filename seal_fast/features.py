@@ -46,12 +46,13 @@ FEATURES_VERSION = 1  # bump when the extraction's arithmetic changes: old cache
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model(path: str, device: torch.device, channels_last: bool = False):
+def load_model(path: str, device: torch.device, channels_last: bool = False, trust: bool = False):
     """(model in eval mode on `device`, the run's config dict, a label "method @ epoch N (run/file)").
 
     A file that is not a seal_fast checkpoint, or whose weights are not those of the architecture its config
-    names, is a DataError with one line that says so."""
-    ckpt = checkpoint.read(path)
+    names, is a DataError with one line that says so. The file is read as data only (checkpoint.load): one whose
+    pickle would run code is refused unless `trust` (--trust-checkpoint)."""
+    ckpt = checkpoint.read(path, trust=trust)
     cfg = ckpt.config
     arch = cfg.get("arch", "resnet50")
     if not isinstance(ckpt.model, dict) or "fc.weight" not in ckpt.model:
@@ -124,13 +125,16 @@ class Transform:
 
 
 def open_rgb(path: str):
-    """A PIL RGB image; a DataError names a file that does not decode."""
-    from PIL import Image
+    """A PIL RGB image; a DataError names a file that does not decode, or one whose header announces more than
+    data.images.MAX_PIXELS pixels (a decompression bomb: refused before it is decoded)."""
+    from .data.images import open_checked
 
     try:
-        with Image.open(path) as img:
+        with open_checked(path) as img:
             img.load()
             return img.convert("RGB")
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError ...
         raise DataError(f"{path}: cannot decode this image ({type(exc).__name__}: {exc}); replace or delete the "
                         "file") from None
@@ -217,8 +221,8 @@ def files_fingerprint(files: list[str], labels: list[int]) -> str:
 
 def add_extraction_args(p) -> None:
     """The flags of every study that extracts features (transfer, fewshot): forward batch, workers, device,
-    precision and the feature cache. The study reads them as args.batch_size / workers / device / amp /
-    cache_dir / no_cache."""
+    precision, the feature cache and --trust-checkpoint. The study reads them as args.batch_size / workers / device /
+    amp / cache_dir / no_cache / trust_checkpoint."""
     import argparse
 
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
@@ -229,6 +233,7 @@ def add_extraction_args(p) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default $SEAL_FAST_CACHE/features, i.e. "
                                                       "~/.cache/seal_fast/features)")
     p.add_argument("--no-cache", action="store_true", help="extract features every time, store none")
+    checkpoint.add_trust_flag(p)
 
 
 def default_cache_dir() -> Path:
@@ -270,7 +275,7 @@ class FeatureCache:
                 if blob["features"].shape[0] == len(files) and blob["labels"].tolist() == list(labels):
                     self.hits += 1
                     return blob["features"], blob["labels"], f"cache {path}"
-            except Exception:  # noqa: BLE001 - a broken cache file is only extracted again
+            except Exception:  # noqa: BLE001 - a broken or not-plain-data file (refused: nothing runs): extracted again
                 pass
         self.misses += 1
         feats, ys = extract(model, files, labels, transform, device, dtype, batch_size, workers, desc,

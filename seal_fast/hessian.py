@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import checkpoint
 from .errors import ConfigError, DataError, cli_main
 from .runtime import free_memory, make_out_folder, pick_device
 
@@ -487,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model, images and vectors (default float32; TF32 is off on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="the random vectors (the same for every checkpoint)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    checkpoint.add_trust_flag(p)
     return p
 
 
@@ -504,11 +506,12 @@ def check_args(args) -> None:
             raise ConfigError(f"--checkpoint {path}: no such file (a training run writes last.pt and best.pt)")
 
 
-def load_checkpoint(path: str, device: torch.device):
-    """features.load_model: a wrong-architecture or junk checkpoint is already one DataError line there."""
+def load_checkpoint(path: str, device: torch.device, trust: bool = False):
+    """features.load_model: a wrong-architecture or junk checkpoint is already one DataError line there, a
+    code-carrying one is refused unless `trust` (--trust-checkpoint)."""
     from .features import load_model
 
-    return load_model(path, device)
+    return load_model(path, device, trust=trust)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -523,7 +526,7 @@ def run(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     out = make_out_folder(args.out or f"runs/hessian-{datetime.now():%Y%m%d-%H%M%S}")
 
-    models = [load_checkpoint(p, device) for p in args.checkpoint]
+    models = [load_checkpoint(p, device, trust=args.trust_checkpoint) for p in args.checkpoint]
     root = args.data or models[0][1].get("data")
     if args.data is None and root is not None and not Path(root).is_dir():
         raise DataError(f"{root}: the data folder {args.checkpoint[0]} was trained on is not there any more; pass "

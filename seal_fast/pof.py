@@ -159,7 +159,7 @@ def evaluate(model, loader) -> tuple[float, float]:
     return loss / n, right / n
 
 
-def parse(argv: list[str] | None) -> tuple[PofConfig, bool]:
+def parse(argv: list[str] | None) -> tuple[PofConfig, bool, bool]:
     d = PofConfig(checkpoint="")
     p = argparse.ArgumentParser(prog="python -m seal_fast.pof", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a seal_fast last.pt / best.pt / gen<G>.pt to post-train")
@@ -172,8 +172,9 @@ def parse(argv: list[str] | None) -> tuple[PofConfig, bool]:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     p.add_argument("--loader", choices=("auto", "torch", "cache", "dali"), default=d.loader)
+    checkpoint.add_trust_flag(p)
     a = vars(p.parse_args(argv))
-    resume = a.pop("resume")
+    resume, trust = a.pop("resume"), a.pop("trust_checkpoint")
     cfg = PofConfig(**a)
     for name in ("epochs", "batch_size", "search_batch", "refine"):
         if getattr(cfg, name) < 1:
@@ -183,11 +184,11 @@ def parse(argv: list[str] | None) -> tuple[PofConfig, bool]:
                           "--momentum in [0, 1)")
     if resume and not cfg.out:
         raise ConfigError("--resume needs --out DIR: the post-training folder to continue")
-    return cfg, resume
+    return cfg, resume, trust
 
 
 def run(argv: list[str] | None = None) -> int:
-    cfg, resume = parse(argv)
+    cfg, resume, trust = parse(argv)
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     if not Path(cfg.checkpoint).is_file():
         raise ConfigError(f"--checkpoint {cfg.checkpoint}: no such file (a training run writes last.pt and best.pt)")
@@ -196,7 +197,7 @@ def run(argv: list[str] | None = None) -> int:
     lock = lock_folder(out)  # noqa: F841 - held until the process ends
     state = None
     if resume:
-        state = checkpoint.read(out / "last.pt", resumable=True)
+        state = checkpoint.read(out / "last.pt", resumable=True, trust=trust)
         saved = state.config["pof"]
         differ = [k for k, v in asdict(cfg).items() if k not in ("out", "device", "workers", "loader")
                   and saved.get(k) != v]
@@ -205,7 +206,7 @@ def run(argv: list[str] | None = None) -> int:
                               "resume with the same command")
     elif (out / "last.pt").exists():
         raise ConfigError(f"--out {out} already holds a post-training (last.pt): add --resume, or choose another --out")
-    model, src_cfg, label = load_model(cfg.checkpoint, device)
+    model, src_cfg, label = load_model(cfg.checkpoint, device, trust=trust)
     if "fc" not in dict(model.named_children()):
         raise DataError(f"{cfg.checkpoint}: the model has no fc classifier to keep fixed")
     root = cfg.data or src_cfg.get("data")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from .config import read_saved_config
 from .errors import ConfigError, DataError, cli_main
 
 PAPER = {"normal160": 54.37, "normal": 49.27, "llf": 56.92, "seal": 59.22}  # Tiny-ImageNet, ResNet-50, top-1 %
@@ -61,13 +62,38 @@ def kind_of(cfg: dict) -> str:
     return "normal160" if cfg["method"] == "normal" and cfg["generations"] == 1 else cfg["method"]
 
 
-def read_run(folder: Path) -> RunRecord:
-    cfg_path, metrics = folder / "config.json", folder / "metrics.jsonl"
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl as data (JSON lines): each line an object with an integer generation and numbers (or null) for
+    the figures the report uses, else a DataError naming the file and the line."""
+    if not path.exists():
+        return []
     try:
-        cfg = json.loads(cfg_path.read_text())
-        rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.exists() else []
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{folder}: cannot read its config.json / metrics.jsonl ({exc})") from None
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read it ({exc})") from None
+    rows = []
+    for n, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            r = json.loads(ln)
+        except (ValueError, RecursionError) as exc:
+            why = "nested too deep" if isinstance(exc, RecursionError) else str(exc)[:200]
+            raise DataError(f"{path}, line {n}: not a JSON line ({why}); not the metrics.jsonl the trainer "
+                            "wrote: restore it, or leave that run out") from None
+        number = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
+        if not (isinstance(r, dict) and type(r.get("generation")) is int and type(r.get("global_epoch")) is int
+                and all(number(r.get(k)) for k in ("val_acc", "best_val", "gen_best_val", "seconds"))):
+            raise DataError(f"{path}, line {n}: not an epoch's metrics (an object with integer generation and "
+                            "global_epoch, numeric val_acc / best_val / seconds); restore the file, or leave that run "
+                            "out")
+        rows.append(r)
+    return rows
+
+
+def read_run(folder: Path) -> RunRecord:
+    cfg = read_saved_config(folder / "config.json")
+    rows = read_metrics(folder / "metrics.jsonl")
     for r in rows:  # runs from before per-generation figures: derive them from the rows themselves
         if "gen_best_val" not in r:
             gen = [x["val_acc"] for x in rows[:rows.index(r) + 1]

@@ -49,7 +49,8 @@ class Source:
 def load(kind: str, path: Path) -> Source:
     try:
         doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSON: data only, nothing runs
+        exc = "nested too deep" if isinstance(exc, RecursionError) else exc
         raise DataError(f"{path}: not readable JSON ({exc}); rerun python -m seal_fast.{kind} into that folder "
                         "or leave the folder out") from None
     rows = doc if kind == "hessian" else doc.get("results") if isinstance(doc, dict) else None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .config import read_saved_config
 from .errors import ConfigError, cli_main
 
 KINDS = {"normal160": ["--method", "normal", "--generations", "1"], "normal": ["--method", "normal"],
@@ -50,7 +50,7 @@ class Run:
         metrics, cfg = self.folder / "metrics.jsonl", self.folder / "config.json"
         if not cfg.exists():
             return "new", 0, None
-        c = json.loads(cfg.read_text())
+        c = read_saved_config(cfg)  # data only; a broken one is a one-line DataError naming it
         planned = c["generations"] * c["epochs"]
         done = len([ln for ln in metrics.read_text().splitlines() if ln.strip()]) if metrics.exists() else 0
         if not (self.folder / "last.pt").exists():

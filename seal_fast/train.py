@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="all (default, as published): gen<G>.pt at the end of every generation and SEAL's "
            "gen<G>-after-ascent.pt, for the studies; none: only last.pt and best.pt")
     a("--tensorboard", action="store_true", help="also write the epoch scalars for TensorBoard into --out/tb")
+    checkpoint.add_trust_flag(p)
     a("--dry-run", action="store_true", help="print the plan, one JSON object per epoch, and exit")
     a("--summary", action="store_true", help="with --dry-run: one readable line per generation instead of JSON")
     return p
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None) -> tuple[Config, dict, argparse.Namespace]:
     """(config, explicitly given settings, raw args). Flags the user did not give keep the preset's values."""
     args = build_parser().parse_args(argv)
-    explicit = {k: v for k, v in vars(args).items() if k not in ("resume", "dry_run", "preset", "summary")}
+    explicit = {k: v for k, v in vars(args).items()
+                if k not in ("resume", "dry_run", "preset", "summary", "trust_checkpoint")}
     dry_run = getattr(args, "dry_run", False)
     preset = getattr(args, "preset", None) or ("demo" if explicit.get("data") is None and not dry_run else "paper")
     cfg = make_config(explicit, preset)
@@ -165,7 +167,7 @@ def resolve_resume(args, cfg: Config, explicit: dict) -> tuple[Config, checkpoin
     folder = resume if isinstance(resume, str) else explicit.get("out")
     if not folder:
         raise ConfigError("--resume: name the run folder (--resume DIR, or --resume with --out DIR)")
-    ckpt = checkpoint.read(Path(folder) / "last.pt", resumable=True)
+    ckpt = checkpoint.read(Path(folder) / "last.pt", resumable=True, trust=getattr(args, "trust_checkpoint", False))
     saved = dict(ckpt.config)
     differ = [f"{k}: run has {saved.get(k)!r}, command line says {v!r}" for k, v in explicit.items()
               if k not in RESUME_FREE_KEYS and saved.get(k) != v]
@@ -367,7 +369,8 @@ class Trainer:
     # -- 5. the run ----------------------------------------------------------------------------
     def fit(self) -> None:
         """Every plan entry from next_epoch on; last.pt (and best.pt) after every epoch, written behind the next."""
-        self.saver = checkpoint.BackgroundSaver()
+        self.saver = checkpoint.BackgroundSaver(
+            then=f"continue with --resume {self.out} (from the last epoch last.pt holds)")
         try:
             if self.next_epoch >= len(self.plan):
                 self.say(f"this run is already complete ({len(self.plan)} epochs); nothing to train")
@@ -407,7 +410,8 @@ class Trainer:
         self.history.append(row)
         self.next_epoch = entry["global_epoch"] + 1
         if self.dist.main:  # one writer; every rank holds the same weights
-            checkpoint.write_last(self.state(), self.out, self.saver)  # written behind the next epoch
+            # written behind the next epoch, in order, last.pt last: it records the epoch as done only once best.pt
+            # and gen<G>.pt are on disk, so a kill or a full disk in between redoes the epoch and rewrites them
             if improved:
                 self._write_weights("best.pt", "best", self.best_val)
             if cfg.keep_generations == "all":
@@ -415,8 +419,8 @@ class Trainer:
                     self._write_weights(f"gen{entry['generation']}.pt", "generation", row["gen_last_val"])
                 if entry["phase"] == "ascent" and entry["epoch"] == cfg.ascent_epochs - 1:
                     self._write_weights(f"gen{entry['generation']}-after-ascent.pt", "generation", row["val_acc"])
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            checkpoint.write_last(self.state(), self.out, self.saver)
+            append_line(self.out / "metrics.jsonl", json.dumps(row))
             if self.tensorboard is not None:
                 self.tensorboard.write(row)
             if entry["epoch"] == cfg.epochs - 1:
@@ -450,6 +454,19 @@ def epoch_line(row: dict, cfg: Config) -> str:
             f"[{row['phase']}] lr early {row['lr']['early']:+.4g} later {row['lr']['later']:.4g} | "
             f"train loss {row['train_loss']:.3f} acc {100 * row['train_acc']:.1f}%{val}{best} | "
             f"{row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line; a failed write (a full disk) cuts the file back to where it was, so no half line stays."""
+    data = memoryview((line + "\n").encode())
+    with open(path, "ab", buffering=0) as f:
+        size = f.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[f.write(data):]
+        except OSError:
+            f.truncate(size)
+            raise
 
 
 def rewrite_metrics(out: Path, history: list[dict]) -> None:

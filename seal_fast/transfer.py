@@ -336,7 +336,7 @@ def read_previous(path: Path) -> list[dict]:
         return []
     try:
         return list(json.loads(path.read_text()).get("results", []))
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):  # data only; junk is not kept
         return []
 
 
@@ -468,7 +468,7 @@ def setup(args, say):
         say(why)
     models = []
     for path in args.checkpoint:
-        model, cfg, label = load_model(path, device, channels_last=device.type == "cuda")
+        model, cfg, label = load_model(path, device, channels_last=device.type == "cuda", trust=args.trust_checkpoint)
         models.append((model, cfg, label, path))
     cache = FeatureCache(None if args.no_cache else (args.cache_dir or default_cache_dir()))
     return device, dtype, models, cache

@@ -49,7 +49,7 @@ def test_run_writes_config_metrics_checkpoint_and_plot(cli, tiny_data, tmp_path)
         assert {"lr", "train_loss", "train_acc", "val_loss", "val_acc", "best_val", "images_per_s", "seconds"} <= set(r)
         assert set(r["lr"]) == {"early", "later"}
     assert rows[1]["val_acc"] is not None and rows[1]["best_val"] == rows[1]["val_acc"]
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert {"model", "optimizer", "next_epoch", "rng", "config", "best_val", "metrics"} <= set(ckpt)
     assert ckpt["next_epoch"] == 4 and "fc.weight" in ckpt["model"]  # plain model names, no wrapper prefix
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -77,7 +77,7 @@ def test_demo_command_end_to_end(cli, tmp_path):
 
 
 def final_state(out):
-    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
     return ckpt["model"], ckpt["optimizer"]["state"], ckpt["next_epoch"]
 
 
@@ -122,7 +122,7 @@ def test_a_kill_during_a_save_never_breaks_the_checkpoint(tmp_path):
         time.sleep(rng.uniform(0.05, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        obj = torch.load(path, weights_only=False)
+        obj = torch.load(path, weights_only=True)
         assert torch.equal(obj["x"], torch.full((2_000_000,), float(obj["i"])))
     assert not [p for p in tmp_path.iterdir() if p.name != "last.pt" and not p.name.endswith(".tmp")]
 
@@ -204,7 +204,7 @@ def test_nonfinite_loss_stops_names_the_step_and_keeps_the_last_checkpoint(tiny_
     err = capsys.readouterr().err
     assert code == 3
     assert "became nan" in err and "global epoch 1), step 2 of 6" in err and "last.pt still holds" in err
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["next_epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -220,7 +220,7 @@ def test_signed_sgd_and_torch_sgd_train_the_same_weights(cli, tiny_data, tmp_pat
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
     # a SignedSGD checkpoint, rewound to the end of epoch 1, resumes under torch.optim.SGD and finishes
-    ckpt = torch.load(a / "last.pt", weights_only=False)
+    ckpt = torch.load(a / "last.pt", weights_only=True)
     ckpt["next_epoch"], ckpt["metrics"] = 2, ckpt["metrics"][:2]
     torch.save(ckpt, a / "last.pt")
     res = cli("--resume", a, "--optimizer", "torch")

@@ -6,7 +6,9 @@ augment.epoch_indices / crop_flip_params, exactly what the other loaders use), t
 zeros and crops (fn.slice, out-of-bounds padding), flips and normalizes (fn.crop_mirror_normalize),
 and hands the batch to torch through DALI's PyTorch plugin (feed_ndarray). One batch is in flight at
 a time (prefetch depth 1; DALI's threads decode each batch in parallel). Grayscale JPEGs decode to
-RGB; a corrupt one is named by re-reading the failing batch with PIL.
+RGB; a corrupt one is named by re-reading the failing batch with PIL. The first time an image is fed, its header is
+read (PIL, from the bytes in memory): one that would decode to over images.MAX_PIXELS pixels (a decompression bomb)
+stops the run with a DataError naming it, before DALI decodes it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .augment import PAD, crop_flip_params, epoch_indices
-from .images import MEAN, STD, load_rgb
+from .images import MEAN, STD, check_encoded, load_rgb
 from .layout import Split
 
 INSTALL_HINT = ("NVIDIA DALI is not installed: pip install nvidia-dali-cuda130 (or pip install -e '.[dali]'; "
@@ -46,6 +48,7 @@ class DaliLoader:
         self.device = torch.device(device)
         self.n = len(split.files)
         self.height, self.width = load_rgb(split.files[0]).shape[:2]
+        self._checked = np.zeros(self.n, dtype=bool)  # images whose header passed images.MAX_PIXELS
         self.pipe = self._build(max(1, workers))
 
     def _build(self, threads: int):
@@ -83,7 +86,12 @@ class DaliLoader:
 
     def _feed(self, idx: np.ndarray, dy, dx, flip) -> None:
         self._fed_files = [self.split.files[i] for i in idx]
-        self.pipe.feed_input("jpegs", [np.fromfile(f, dtype=np.uint8) for f in self._fed_files])
+        encoded = [np.fromfile(f, dtype=np.uint8) for f in self._fed_files]
+        for i, f, data in zip(idx, self._fed_files, encoded):  # a decompression bomb never reaches the decoder
+            if not self._checked[i]:
+                check_encoded(f, data)   # its header only (about 20 us), once per image
+                self._checked[i] = True
+        self.pipe.feed_input("jpegs", encoded)
         self.pipe.feed_input("labels", [np.array(self.split.labels[i], dtype=np.int64) for i in idx])
         if self.train:
             self.pipe.feed_input("start", [np.array([a - PAD, b - PAD], dtype=np.int32) for a, b in zip(dy, dx)])
