@@ -20,7 +20,8 @@ parameters change without recompiling and a launch can be captured in a CUDA gra
 
 "Restart pending" has one live representation: the RESTART field (per chunk; all chunks of a tensor
 always agree). `SGDTable.pending()` reads it per tensor, `request_restart()` sets it, the kernel clears it
-(each program its own record's, so no program races another's read).
+(each program its own record's, so no program races another's read; inside a program every warp reads it
+and one thread clears it after a barrier, so no warp races that write either).
 
 Alignment: records are sorted into segments (dtype, aligned), one launch each. A chunk is aligned when its
 three addresses are 16-byte aligned and NUMEL is a multiple of the vector width (16 bytes: 4 fp32, 8 bf16 /
@@ -38,6 +39,16 @@ unchanged). With torch.amp.GradScaler, the scaler's own check fills `found_inf` 
 `step(table, ...)` is the Triton launcher; `native_step(table, ...)` launches the native CUDA C++ twin
 (kernels/cuda/fused_sgd.cu, built by CMakeLists.txt, registered as torch.ops.seal_fast.*) over the same table
 with the same semantics. `compile_specs()` lists every configuration `step` can launch.
+
+What PyTorch sees: the kernels write parameters and buffers through the records' addresses, which nothing in
+PyTorch tracks. So, eagerly, both launchers bump the version counters of everything a step writes (one call,
+~20 us for ResNet-50's 2 x 161 tensors on a 2-core CPU; autograd then refuses a backward through a weight the
+step changed, as with torch.optim.SGD), and under torch.compile / export they are traced as one operator,
+torch.ops.seal_fast_sgd.step, that declares the parameters, buffers, records and found_inf mutated and the
+gradients read, so reads of a parameter after the step are ordered after it. Functionalization may hand that
+operator copies of what it mutates (the aot_eager backend does; inductor passes the tensors themselves):
+it then updates the copies through a table of their own. The eager launches stay capturable in a CUDA graph
+(a replay bumps no counter, as for any captured in-place op).
 """
 
 from __future__ import annotations
@@ -118,13 +129,17 @@ def _numel(rec, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 def _narrow(x, DTYPE: tl.constexpr):
     """float32 -> the parameter dtype, rounding to nearest even. bf16 is rounded by hand (add 0x7FFF plus
     the lowest kept bit, keep the high half: PyTorch's own rounding) because the Triton interpreter's
-    fp32 -> bf16 cast truncates; compiled Triton would round the same way."""
+    fp32 -> bf16 cast truncates; compiled Triton runs the same integer code, so both give the same bits.
+    NaN is not rounded (the sum carries 0x7FFFFFFF, the GPU's canonical NaN, into the sign bit: -0.0, and
+    0x7F800001 into +inf): every NaN becomes 0x7FFF, the NaN of CUDA's cvt.rn.bf16.f32, so of the native
+    kernel and of torch on CUDA (torch on CPU gives 0xFFFF or 0x7FC0 by code path: NaNs all the same)."""
     if DTYPE == 0:
         return x
     elif DTYPE == 1:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        half = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        half = tl.where(x != x, 0x7FFF, half)
+        return half.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(tl.float16)
 
@@ -164,7 +179,7 @@ def _fused_sgd_kernel(records, hyper, scalars, found_inf, DTYPE: tl.constexpr, H
         d = d * tl.load(scalars + 2)
         apply = tl.load(found_inf) == 0          # a skipped step loads as usual and stores nothing
         mask = lanes < tl.where(apply, n, 0)     # (keeps n's multiple-of-vector hint)
-    d = d + wd * p
+    d = tl.where(wd != 0.0, d + wd * p, d)       # as torch: no weight decay term at wd 0 (0 * inf is NaN)
     if HAS_MOMENTUM:
         momentum = tl.load(scalars)
         dampening = tl.load(scalars + 1)
@@ -174,11 +189,15 @@ def _fused_sgd_kernel(records, hyper, scalars, found_inf, DTYPE: tl.constexpr, H
             d = d + momentum * buf
         else:
             d = buf
+    tl.store(p_ptr, _narrow(p - lr * d, DTYPE), mask=mask)
+    if HAS_MOMENTUM:
+        # Every warp read RESTART above and one thread clears it: without the barrier a late warp could read the
+        # cleared flag (and apply momentum to a restarted buffer). A skipped step writes the flag back as read.
+        tl.debug_barrier()
         if SCALED:
             tl.store(rec + _RESTART, tl.where(apply, 0, restart))
         else:
             tl.store(rec + _RESTART, 0)
-    tl.store(p_ptr, _narrow(p - lr * d, DTYPE), mask=mask)
 
 
 # -- the table --------------------------------------------------------------------------------------
@@ -210,11 +229,17 @@ class SGDTable:
     found_inf: torch.Tensor           # float32 [1]: nonzero = the last scaled step was skipped
     momentum: bool                    # buffers exist (the momentum variant of the kernel)
     block: int = BLOCK
+    addresses: tuple = ()             # data_ptr() of every parameter, gradient, then (momentum) buffer, when built
     synced: tuple | None = field(default=None)  # host copy of what hyper / scalars[:2] hold
     views: list = field(default_factory=list, repr=False)  # records[lo:hi] of each segment, made once
+    written: list = field(default_factory=list, repr=False)  # every tensor a step may write (version counters)
+    layout: list = field(default_factory=list, repr=False)  # per segment: dtype code, aligned, lo, hi (flat)
 
     def __post_init__(self):
         self.views = [self.records[s.lo:s.hi] for s in self.segments]
+        bufs = self.bufs if self.momentum else []
+        self.written = [*self.params, *bufs, self.records, self.found_inf]
+        self.layout = [v for s in self.segments for v in (_DTYPE_CODE[s.dtype], int(s.aligned), s.lo, s.hi)]
 
     @property
     def device(self) -> torch.device:
@@ -254,10 +279,27 @@ class SGDTable:
         return True
 
 
+def _overlap(written: list[torch.Tensor], read: list[torch.Tensor]) -> bool:
+    """Does a tensor of `written` share a byte with another tensor of `written` or with one of `read`? (dense
+    tensors: each is the span [data_ptr, data_ptr + numel * element_size))"""
+    spans = sorted([(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), True) for t in written if t.numel()]
+                   + [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), False) for t in read if t.numel()])
+    end_written = end_any = -1  # the furthest end so far of the written spans / of all spans
+    for lo, hi, w in spans:
+        if lo < end_written or (w and lo < end_any):
+            return True
+        end_any = max(end_any, hi)
+        if w:
+            end_written = max(end_written, hi)
+    return False
+
+
 def make_table(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor] | None,
                groups: list[int], num_groups: int, restart=None, block: int = BLOCK) -> SGDTable:
     """The table for one step over `params` (slot order). grads[i] and bufs[i] must have params[i]'s shape,
     dtype, device and strides, and every parameter must be dense (non-overlapping); bufs None: no momentum.
+    No two parameters or buffers may share memory, nor a gradient with one of them: every chunk is updated
+    by its own program, all at once, so shared memory would be a race (torch.optim.SGD would update twice).
     restart: per slot, 1 = the buffer restarts at d_p (a list of bools or a device tensor; default all 1).
     Hyper-parameters start unset (`set_hyperparameters`); scalars[2] (inverse loss scale) is 1."""
     if not params:
@@ -280,6 +322,9 @@ def make_table(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list
                                  f"device and strides")
     if len(groups) != len(params) or min(groups) < 0 or max(groups) >= num_groups:
         raise ValueError("fused_sgd: one group index per parameter, each in [0, num_groups)")
+    if _overlap(list(params) + (bufs if momentum else []), list(grads)):
+        raise ValueError("fused_sgd: parameters, gradients or momentum buffers share memory (views of one "
+                         "tensor?); the fused step updates them concurrently: give each its own storage")
 
     # per slot, then per chunk (vectorized on the host: ResNet-50 has ~12k chunks)
     n = torch.tensor([p.numel() for p in params], dtype=torch.int64)
@@ -313,12 +358,14 @@ def make_table(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list
         lo += count
     rows = torch.arange(rec.shape[0])
     first_row = torch.full((len(params),), rec.shape[0]).scatter_reduce_(0, rec[:, SLOT], rows, "amin").tolist()
+    addresses = tuple(t.data_ptr() for t in (*params, *grads, *(bufs if momentum else ())))
     rec = rec.to(device)
     rec[:, RESTART] = flags.to(device=device, dtype=torch.int64)[rec[:, SLOT]]  # no host read of device flags
     return SGDTable(params=list(params), bufs=bufs, groups=list(groups), first_row=first_row, records=rec,
                     segments=segments, hyper=torch.zeros(num_groups, 2, dtype=torch.float32, device=device),
                     scalars=torch.ones(3, dtype=torch.float32, device=device),
-                    found_inf=torch.zeros(1, dtype=torch.float32, device=device), momentum=momentum, block=block)
+                    found_inf=torch.zeros(1, dtype=torch.float32, device=device), momentum=momentum, block=block,
+                    addresses=addresses)
 
 
 # -- the launcher -----------------------------------------------------------------------------------
@@ -337,52 +384,138 @@ def _nonfinite_config(dtype: torch.dtype, aligned: bool, block: int = BLOCK) -> 
 def nonfinite_check(table: SGDTable) -> None:
     """Raise table.found_inf to 1 if any gradient x scalars[2] (the inverse loss scale) is NaN or infinite
     (it never lowers it: zero it first). step(table, check=True) runs it before the update."""
-    for s, rec in zip(table.segments, table.views):
-        _nonfinite_kernel[(s.hi - s.lo,)](rec, table.scalars, table.found_inf,
-                                          num_warps=NUM_WARPS, **_nonfinite_config(s.dtype, s.aligned, table.block))
+    _nonfinite_triton(table.views, table.segments, table.scalars, table.found_inf, table.block)
+    torch.autograd.graph.increment_version(table.found_inf)
 
 
-def step(table: SGDTable, *, nesterov: bool = False, scaled: bool = False, check: bool = False) -> None:
+def step(table: SGDTable, *, nesterov: bool = False, scaled: bool = False, check: bool = False,
+         grads: list[torch.Tensor] | None = None) -> None:
     """One SGD step over every chunk of the table: one launch per segment (usually one).
 
     Needs table.hyper / scalars set (SGDTable.set_hyperparameters). scaled: gradients are multiplied by
     scalars[2] and, if found_inf is nonzero, nothing is stored (parameters, buffers and RESTART flags keep
     their values). check: first run the non-finite pass over every segment (it only raises found_inf: the
-    caller zeroes it), then the scaled update."""
+    caller zeroes it), then the scaled update.
+
+    What PyTorch sees: eagerly, the launches, then the version counters of everything written are bumped
+    (as an in-place op would); under torch.compile / export, one operator, torch.ops.seal_fast_sgd.step,
+    that names every tensor it reads and writes (`grads`: the gradients the table was made from; default
+    each parameter's .grad)."""
+    if torch.compiler.is_compiling():
+        _traced_step(table, grads, nesterov, scaled, check, native=False)
+        return
+    _update_triton(table.views, table.segments, table.hyper, table.scalars, table.found_inf, table.momentum,
+                   nesterov, scaled, check, table.block)
+    torch._C._increment_version(table.written)
+
+
+def _nonfinite_triton(views, segments, scalars, found_inf, block) -> None:
+    for s, rec in zip(segments, views):
+        _nonfinite_kernel[(s.hi - s.lo,)](rec, scalars, found_inf, num_warps=NUM_WARPS,
+                                          **_nonfinite_config(s.dtype, s.aligned, block))
+
+
+def _update_triton(views, segments, hyper, scalars, found_inf, momentum, nesterov, scaled, check, block) -> None:
     if check:
-        nonfinite_check(table)
+        _nonfinite_triton(views, segments, scalars, found_inf, block)
         scaled = True
-    for s, rec in zip(table.segments, table.views):
-        _fused_sgd_kernel[(s.hi - s.lo,)](rec, table.hyper, table.scalars, table.found_inf,
-                                          num_warps=NUM_WARPS,
-                                          **_update_config(s.dtype, table.momentum, nesterov, scaled, s.aligned,
-                                                           table.block))
+    for s, rec in zip(segments, views):
+        _fused_sgd_kernel[(s.hi - s.lo,)](rec, hyper, scalars, found_inf, num_warps=NUM_WARPS,
+                                          **_update_config(s.dtype, momentum, nesterov, scaled, s.aligned, block))
 
 
 # The operators kernels/cuda/ops.cpp registers (tests/test_cuda_backend.py holds the C++ source and the built
 # library to these strings, and fused_sgd.h's record layout and dtype codes to RECORD ... START, _DTYPE_CODE).
+# The update names what it writes: `records` (RESTART) and, through the records' addresses, the parameters and
+# momentum buffers of the segment's chunks (its ADInplaceOrView kernel bumps their version counters).
 NATIVE_SCHEMAS = {
-    "fused_sgd_update": "fused_sgd_update(Tensor(a!) records, Tensor hyper, Tensor scalars, Tensor found_inf, "
-                        "int dtype, bool momentum, bool nesterov, bool scaled, bool aligned) -> ()",
+    "fused_sgd_update": "fused_sgd_update(Tensor(a!) records, Tensor(b!)[] params, Tensor(c!)[] bufs, Tensor hyper, "
+                        "Tensor scalars, Tensor found_inf, int dtype, bool momentum, bool nesterov, bool scaled, "
+                        "bool aligned) -> ()",
     "fused_sgd_nonfinite": "fused_sgd_nonfinite(Tensor records, Tensor scalars, Tensor(a!) found_inf, int dtype, "
                            "bool aligned) -> ()",
 }
 
 
-def native_step(table: SGDTable, *, nesterov: bool = False, scaled: bool = False, check: bool = False) -> None:
+def native_step(table: SGDTable, *, nesterov: bool = False, scaled: bool = False, check: bool = False,
+                grads: list[torch.Tensor] | None = None) -> None:
     """`step` with the native CUDA kernels (kernels/cuda/; needs `make cuda`): same table, same semantics,
     one launch per segment. Raises kernels.cuda.NativeUnavailable (one line) when the library is missing."""
+    if torch.compiler.is_compiling():
+        _traced_step(table, grads, nesterov, scaled, check, native=True)
+        return
+    # the operator is handed no lists here (converting 2 x 161 tensors per call costs twice the bump below)
+    _update_native(table.views, table.segments, [], [], table.hyper, table.scalars, table.found_inf, table.momentum,
+                   nesterov, scaled, check)
+    torch._C._increment_version(table.written)
+
+
+def _update_native(views, segments, params, bufs, hyper, scalars, found_inf, momentum, nesterov, scaled,
+                   check) -> None:
     from kernels import cuda
 
     cuda.load()
     ops = torch.ops.seal_fast
     if check:
-        for s, rec in zip(table.segments, table.views):
-            ops.fused_sgd_nonfinite(rec, table.scalars, table.found_inf, _DTYPE_CODE[s.dtype], s.aligned)
+        for s, rec in zip(segments, views):
+            ops.fused_sgd_nonfinite(rec, scalars, found_inf, _DTYPE_CODE[s.dtype], s.aligned)
         scaled = True
-    for s, rec in zip(table.segments, table.views):
-        ops.fused_sgd_update(rec, table.hyper, table.scalars, table.found_inf, _DTYPE_CODE[s.dtype], table.momentum,
-                             bool(nesterov and table.momentum), bool(scaled), s.aligned)
+    for s, rec in zip(segments, views):
+        ops.fused_sgd_update(rec, params, bufs, hyper, scalars, found_inf, _DTYPE_CODE[s.dtype], momentum,
+                             bool(nesterov and momentum), bool(scaled), s.aligned)
+
+
+# -- the step as one operator, for torch.compile / export -----------------------------------------------
+#
+# Traced code cannot see writes made through the records' addresses, so `step` / `native_step` hand a tracer
+# this operator instead: every tensor it reads and writes is an argument, and the mutated ones are declared.
+# Functionalization may hand it copies of what it mutates (torch.compile's aot_eager backend does; inductor
+# normally passes the tensors themselves): then the records, whose addresses are the originals', would write
+# the wrong memory, so the operator builds a table for the tensors it was given (their RESTART flags taken
+# from, and put back into, the `records` it was given) and updates those.
+
+
+_CODE_DTYPE = {c: dt for dt, c in _DTYPE_CODE.items()}
+
+
+@torch.library.custom_op("seal_fast_sgd::step", mutates_args=("params", "bufs", "records", "found_inf"))
+def _step_op(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], records: torch.Tensor,
+             hyper: torch.Tensor, scalars: torch.Tensor, found_inf: torch.Tensor, layout: list[int],
+             addresses: list[int], groups: list[int], momentum: bool, nesterov: bool, scaled: bool, check: bool,
+             native: bool, block: int) -> None:
+    segments = [Segment(_CODE_DTYPE[layout[i]], bool(layout[i + 1]), layout[i + 2], layout[i + 3])
+                for i in range(0, len(layout), 4)]
+    table = None
+    if [t.data_ptr() for t in (*params, *grads, *bufs)] == list(addresses):  # the tensors the records point into
+        views = [records[s.lo:s.hi] for s in segments]
+    else:  # copies: a table of their own, with the pending restarts of `records`
+        pending = torch.zeros(len(params), dtype=torch.int64, device=records.device)
+        pending.scatter_reduce_(0, records[:, SLOT], records[:, RESTART], "amax")
+        table = make_table(params, grads, bufs if momentum else None, groups, hyper.shape[0], restart=pending,
+                           block=block)
+        views, segments = table.views, table.segments
+    if native:
+        _update_native(views, segments, params, bufs, hyper, scalars, found_inf, momentum, nesterov, scaled, check)
+    else:
+        _update_triton(views, segments, hyper, scalars, found_inf, momentum, nesterov, scaled, check, block)
+    if table is not None and momentum:  # what the step did to the restarts, back into `records`
+        records[:, RESTART] = table.restart_flags()[records[:, SLOT]]
+
+
+@_step_op.register_fake
+def _(params, grads, bufs, records, hyper, scalars, found_inf, layout, addresses, groups, momentum, nesterov, scaled,
+      check, native, block) -> None:
+    return None
+
+
+def _traced_step(table: SGDTable, grads, nesterov: bool, scaled: bool, check: bool, native: bool) -> None:
+    if grads is None:
+        grads = [p.grad for p in table.params]
+    if any(g is None for g in grads):
+        raise RuntimeError("fused_sgd: a parameter of the table has no .grad; pass the table's gradients (grads=)")
+    torch.ops.seal_fast_sgd.step(table.params, grads, table.bufs if table.momentum else [], table.records, table.hyper,
+                                 table.scalars, table.found_inf, table.layout, list(table.addresses), table.groups,
+                                 table.momentum, nesterov, scaled, check, native, table.block)
 
 
 # -- what the static report compiles ----------------------------------------------------------------

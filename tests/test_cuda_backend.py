@@ -138,10 +138,90 @@ def test_operators_trace_under_fake_tensors(native_library):
             "    e = lambda *s, **k: torch.empty(*s, device='cuda', **k)\n"
             "    rec = e(5, 8, dtype=torch.int64)\n"
             "    torch.ops.seal_fast.fused_sgd_nonfinite(rec, e(3), e(1), 1, True)\n"
-            "    torch.ops.seal_fast.fused_sgd_update(rec, e(2, 2), e(3), e(1), 1, True, True, True, False)\n"
+            "    torch.ops.seal_fast.fused_sgd_update(rec, [e(3), e(4)], [e(3), e(4)], e(2, 2), e(3), e(1), 1, True,"
+            " True, True, False)\n"
             "print('traced')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "traced", done.stderr[-2000:]
+
+
+def test_update_operator_declares_and_bumps_what_it_writes(native_library):
+    """The update writes the parameters and buffers through the records' addresses; its schema names them
+    (Tensor(b!)[] params, Tensor(c!)[] bufs), so a traced function that reads a parameter after the update
+    reads the operator's result (AOTAutograd's functionalization: the read hangs off auto_functionalized, and
+    the new values are returned to be copied into the inputs), and its ADInplaceOrView kernel bumps the version
+    counters of records, params and bufs (found_inf for the non-finite check), as a built-in in-place op does.
+    Meta tensors: no GPU.
+    (Before the fix the schema named only `records`: the read depended on the input parameter alone.)"""
+    code = (f"import torch; torch.ops.load_library({str(native_library)!r})\n"
+            "from functorch.compile import aot_function, make_boxed_func\n"
+            "m = lambda *s, **k: torch.empty(*s, device='meta', **k)\n"
+            "op = torch.ops.seal_fast\n"
+            "rec, ps, bs, f = m(5, 8, dtype=torch.int64), [torch.nn.Parameter(m(3)), m(4)], [m(3), m(4)], m(1)\n"
+            "with torch.no_grad():\n"
+            "    before = [t._version for t in (rec, *ps, *bs, f)]\n"
+            "    op.fused_sgd_update(rec, ps, bs, m(2, 2), m(3), f, 1, True, False, False, True)\n"
+            "    op.fused_sgd_nonfinite(rec, m(3), f, 1, True)\n"
+            "    print([a - b for a, b in zip([t._version for t in (rec, *ps, *bs, f)], before)])\n"
+            "def fn(rec, p0, p1, b0, b1, hyper, scalars, found):\n"
+            "    op.fused_sgd_update(rec, [p0, p1], [b0, b1], hyper, scalars, found, 0, True, False, False, True)\n"
+            "    return p0 * 2\n"
+            "graphs = []\n"
+            "def keep(gm, _):\n"
+            "    graphs.append(gm)\n"
+            "    return make_boxed_func(gm.forward)\n"
+            "args = (m(5, 8, dtype=torch.int64), m(3), m(4), m(3), m(4), m(2, 2), m(3), m(1))\n"
+            "aot_function(fn, fw_compiler=keep)(*args)\n"
+            "g = graphs[0].graph\n"
+            "mul = next(n for n in g.nodes if n.target == torch.ops.aten.mul.Tensor)\n"
+            "src = mul.args[0]\n"
+            "print(src.op, src.target.__name__, src.args[0].target.__name__, src.args[1])\n"
+            "out = next(n for n in g.nodes if n.op == 'output').args[0]\n"
+            "print(sum(1 for o in out if o.target.__name__ == 'getitem'))\n"
+            "print(graphs[0].code)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.splitlines()
+    assert out[0] == "[1, 1, 1, 1, 1, 1]", done.stdout  # records, params, bufs bumped by the update; found_inf
+    # p0 * 2 reads the operator's second base (records, p0, p1, b0, b1): the updated p0, not the input
+    assert out[1].startswith("call_function getitem auto_functionalized") and out[1].endswith(" 2"), done.stdout
+    assert out[2] == "5", done.stdout  # records, both params and both buffers come back as written inputs
+
+
+def test_native_step_hands_the_operator_what_it_writes(native_library):
+    """native_step's own code on the CPU, with a recording CPU kernel registered in the test for the built
+    operator (the real one runs on CUDA only): eagerly it passes empty lists and bumps the version counters of
+    every tensor the step writes itself; traced (torch.compile, fullgraph, aot_eager) it is the operator
+    seal_fast_sgd::step, which calls the native update with the parameters and buffers it was handed."""
+    code = (f"import os, sys\nos.environ['TRITON_INTERPRET'] = '1'\nsys.path.insert(0, {str(ROOT)!r})\n"
+            f"os.environ['SEAL_FAST_CUDA_LIB'] = {str(native_library)!r}\n"
+            "import torch\n"
+            "from kernels import cuda, fused_sgd\n"
+            "cuda.load()\n"
+            "calls = []\n"
+            "lib = torch.library.Library('seal_fast', 'IMPL')\n"
+            "def update(records, params, bufs, hyper, scalars, found_inf, dtype, momentum, nesterov, scaled,"
+            " aligned):\n"
+            "    calls.append((len(params), len(bufs), momentum))\n"
+            "lib.impl('fused_sgd_update', update, 'CPU')\n"
+            "params, grads = [torch.randn(5), torch.randn(3, 2)], [torch.randn(5), torch.randn(3, 2)]\n"
+            "bufs = [torch.zeros(5), torch.zeros(3, 2)]\n"
+            "t = fused_sgd.make_table(params, grads, bufs, [0, 0], 1)\n"
+            "t.set_hyperparameters([0.1], [0.0], 0.9, 0.0)\n"
+            "before = [x._version for x in t.written]\n"
+            "fused_sgd.native_step(t, grads=grads)\n"
+            "print(calls, all(x._version > v for x, v in zip(t.written, before)), len(t.written))\n"
+            "calls.clear()\n"
+            "def step_then_read():\n"
+            "    fused_sgd.native_step(t, grads=grads)\n"
+            "    return params[0] * 1\n"
+            "torch.compile(step_then_read, fullgraph=True, backend='aot_eager')()\n"
+            "print(calls)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.strip().splitlines()
+    assert out[-2] == "[(0, 0, True)] True 6", done.stdout  # 2 params, 2 buffers, records, found_inf
+    assert out[-1] == "[(2, 2, True)]", done.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message")
@@ -284,14 +364,57 @@ def test_native_operator_under_torch_compile_equals_eager(native):
         t.set_hyperparameters([0.1], [5e-4], 0.9, 0.0)
         tables.append((t, params, grads))
 
-    def update(records, hyper, scalars, found_inf, aligned: bool):
-        torch.ops.seal_fast.fused_sgd_update(records, hyper, scalars, found_inf, 0, True, False, False, aligned)
+    def update(records, params, bufs, hyper, scalars, found_inf, aligned: bool):
+        torch.ops.seal_fast.fused_sgd_update(records, params, bufs, hyper, scalars, found_inf, 0, True, False, False,
+                                             aligned)
+        return torch.cat([p.flatten() for p in params])
 
     compiled = torch.compile(update, fullgraph=True)
-    for (t, _, _), fn in zip(tables, (update, compiled)):
+    for (t, params, _), fn in zip(tables, (update, compiled)):
         for s, rec in zip(t.segments, t.views):
-            fn(rec, t.hyper, t.scalars, t.found_inf, s.aligned)
+            read = fn(rec, params, t.bufs, t.hyper, t.scalars, t.found_inf, s.aligned)
+            assert torch.equal(read, torch.cat([p.flatten() for p in params]))  # the read follows the update
     torch.cuda.synchronize()
     for a, b in zip(tables[0][1], tables[1][1]):
         assert torch.equal(a, b)
     assert tables[1][0].pending() == [False] * len(tables[1][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_native_step_under_torch_compile_reads_the_update(native, compiler):
+    """fused_sgd.native_step in a compiled function (fullgraph) that then reads the parameters: the same
+    parameters as native_step run eagerly, and the read sees them (the step is traced as seal_fast_sgd::step,
+    which declares its writes; aot_eager hands it copies, which it updates). Also: eager native_step bumps the
+    version counters, so autograd refuses a backward through a weight it changed."""
+    torch._dynamo.reset()
+    tables = []
+    for _ in range(2):
+        params = [p.detach() for p in make_params(SHAPES_ODD, device="cuda")]
+        grads = [g.to(device="cuda", dtype=torch.float32) for g in grads_for(0, params)]
+        bufs = [torch.zeros_like(p) for p in params]
+        t = fused_sgd.make_table(params, grads, bufs, [0] * len(params), 1)
+        t.set_hyperparameters([0.1], [5e-4], 0.9, 0.3)
+        tables.append((t, params, grads))
+    t, params, grads = tables[1]
+
+    def update_then_read():
+        fused_sgd.native_step(t, grads=grads)
+        return torch.cat([p.flatten() for p in params])
+
+    fn = torch.compile(update_then_read, fullgraph=True, backend=compiler)
+    for step in range(3):
+        fused_sgd.native_step(tables[0][0], grads=tables[0][2])
+        got = fn()
+        torch.cuda.synchronize()
+        want = torch.cat([p.flatten() for p in tables[0][1]])
+        assert torch.equal(got, want) and torch.equal(torch.cat([p.flatten() for p in params]), want), step
+    w = torch.nn.Parameter(torch.linspace(-1, 1, 6, device="cuda"))
+    opt = SignedSGD([w], lr=0.1, momentum=0.9, backend="cuda")
+    w.grad = torch.ones_like(w)
+    y = (w * w).sum()
+    version = w._version
+    opt.step()
+    assert w._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
