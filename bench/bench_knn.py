@@ -12,8 +12,10 @@ Cases, each on the same random queries [Q, D] and support [N, D]:
   faiss         faiss.knn_gpu (brute force) when faiss is installed
 Reported: median ms (CUDA events via triton.testing.do_bench), achieved TFLOP/s of the distance part
 (2 Q N D flops), that as a share of the device's dense peak for the input dtype (the roofline: bf16
-tensor cores, TF32 for fp32 if enabled, else fp32 FMA), and the peak extra memory of one call.
-Rows go to bench/results/knn.csv.
+tensor cores, TF32 for fp32 if enabled, else fp32 FMA), and the peak extra memory of one call; for the
+fused cases, the kernel configuration that ran (BLOCK_Q x BLOCK_N x BLOCK_D, warps, stages): the
+autotuner's winner for the shape's key (its first call, the warm-up, times the candidates), or with
+--no-autotune the table's default. Rows go to bench/results/knn.csv.
 
 Without CUDA the Triton kernel would run in the interpreter, which times numpy, not the kernel: the
 fused case is then skipped and only the torch baselines are timed, at reduced default sizes.
@@ -40,7 +42,9 @@ PEAKS = {"H100 80GB HBM3": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32":
 
 
 def peak(device_name: str, dtype: str) -> float | None:
-    key = "tf32" if dtype == "fp32" and torch.backends.cuda.matmul.allow_tf32 else dtype
+    from kernels.knn import _tf32_allowed  # the new torch API too (reading allow_tf32 can raise)
+
+    key = "tf32" if dtype == "fp32" and _tf32_allowed() else dtype
     for name, peaks in PEAKS.items():
         if name in device_name:
             return peaks[key]
@@ -88,6 +92,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10, help="timed calls (CPU) / ms of timing (CUDA: x100)")
     p.add_argument("--no-split", dest="split", action="store_false",
                    help="do not time the distances-only kernel (fused:dist) beside the fused one")
+    p.add_argument("--no-autotune", dest="autotune", action="store_false",
+                   help="run the KNN table's default configurations (as SEAL_FAST_KNN_AUTOTUNE=0 does)")
     args = p.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     env = environment()
@@ -97,7 +103,20 @@ def main() -> None:
         have_faiss = cuda
     except ImportError:
         have_faiss = False
+    import kernels.knn as knn
     from kernels.knn import knn_distance_pass, knn_topk
+
+    knn.AUTOTUNE = args.autotune
+
+    def config_used(queries, support) -> str:
+        """The configuration the fused kernel ran with (after its first call): BLOCK_Q x BLOCK_N x BLOCK_D, warps,
+        stages, and whether the autotuner chose it."""
+        dtype = queries.dtype
+        arch, precision = knn.arch_of(queries.device), knn._precision(dtype)
+        aligned = knn._aligned(queries) and knn._aligned(support)
+        c = knn.pick_config(arch, dtype, precision, args.k, queries.shape[1], aligned)
+        tuned = knn._tune_key(arch, dtype, precision, knn.list_slots(args.k), queries.shape[1], aligned) in knn._WINNERS
+        return f"{c.block_q}x{c.block_n}x{c.block_d} w{c.num_warps} s{c.num_stages} {'tuned' if tuned else 'default'}"
 
     rows = []
     for d in args.d:
@@ -139,6 +158,7 @@ def main() -> None:
                 else:  # share of neighbours found by both this case and the first case (near-ties may differ)
                     agree = float((reference[:, :, None] == idx[:, None, :]).any(2).float().mean())
                 t = time_us(fn, warmup=2 if not cuda else 5, reps=args.reps if not cuda else 100 * args.reps)
+                config = config_used(queries, support) if case.startswith("fused") else ""
                 flops = 2.0 * args.q * args.n * d
                 tflops = flops / (t["median_us"] * 1e-6) / 1e12
                 pk = peak(env["device"], name)
@@ -146,7 +166,8 @@ def main() -> None:
                                  median_ms=t["median_us"] / 1e3, p20_ms=t["p20_us"] / 1e3, p80_ms=t["p80_us"] / 1e3,
                                  tflops=tflops, peak_tflops=pk, frac_of_peak=tflops / pk if pk else "",
                                  extra_mem_gb=extra_memory(fn) / 1e9, chunk=chunk if case != "fused" else "",
-                                 agree_with_first=agree, note="" if cuda else "CPU: baselines only"))
+                                 agree_with_first=agree, config=config,
+                                 note="" if cuda else "CPU: baselines only"))
             support = queries = cases = None  # free the inputs before the next size (the lambdas hold them)
             by_case = {r["case"]: r for r in rows if r.get("d") == d and r.get("dtype") == name and "median_ms" in r}
             if "fused" in by_case:
@@ -158,7 +179,7 @@ def main() -> None:
                     by_case["fused"]["selection_share"] = 1 - by_case["fused:dist"]["median_ms"] / \
                         by_case["fused"]["median_ms"]
     print_table(rows, ["case", "d", "dtype", "median_ms", "tflops", "peak_tflops", "frac_of_peak", "extra_mem_gb",
-                       "speedup_vs_best_torch", "selection_share", "agree_with_first", "note"])
+                       "speedup_vs_best_torch", "selection_share", "agree_with_first", "config", "note"])
     path = append_rows("knn", rows)
     print(f"appended {len(rows)} rows to {path} ({env['device']}, torch {env['torch']}, triton {env['triton']})")
 

@@ -1,15 +1,18 @@
-"""Every Triton kernel configuration compiled for sm_90 on this machine (no GPU needed), and every
-instantiation of the native CUDA kernels (kernels/cuda/, by nvcc; module "kernels.cuda"), and what the
+"""Every Triton kernel configuration compiled for its GPU architecture on this machine (no GPU needed), and
+every instantiation of the native CUDA kernels (kernels/cuda/, by nvcc; module "kernels.cuda"), and what the
 compiler made of it: registers, spills, shared memory, global access widths, tensor-core instructions,
 the occupancy the registers allow.
 
-    python bench/kernel_report.py [--arch 90] [--modules kernels.fused_sgd kernels.knn] [--quick]
+    python bench/kernel_report.py [--arch 90|80] [--modules kernels.fused_sgd kernels.knn] [--quick]
                                   [--csv bench/results/kernels.csv] [--no-csv] [--path DIR] [--jobs N]
 
 Each module of kernels/ that holds a @triton.jit kernel exposes `compile_specs() -> list[KernelSpec]`
 (kernels/compile_spec.py): every configuration its launcher can pick. Each is compiled with
 `triton.compile` for GPUTarget("cuda", arch, 32) with a fresh, private Triton cache (a cached kernel would
-skip ptxas and so its log), then read:
+skip ptxas and so its log). arch: the spec's own (KernelSpec.arch: a launcher whose table depends on the
+GPU, e.g. the KNN's sm_90 and sm_80 tables), sm_90 for a spec that names none; with --arch A, only the
+specs for A (and those for any architecture), all compiled for A; the native kernels for A (default 90).
+Then read:
 
   regs, spill_st/spill_ld, stack   the `ptxas -v` log of the compile itself (Triton runs ptxas -v; the log
                                    is captured through TRITON_DUMP_PTXAS_LOG), cross-checked against
@@ -26,7 +29,8 @@ skip ptxas and so its log), then read:
                                    cp.async.bulk.tensor (TMA) copies
   wgmma / mma                      PTX `wgmma.mma_async` and `mma.sync` counts; SASS HGMMA / HMMA counts
   warps_regs / warps_sm            resident warps per SM allowed by the registers alone, and by registers,
-                                   shared memory and the 32-block limit together (cuda_occupancy.h, sm_90):
+                                   shared memory and the 32-block limit together (cuda_occupancy.h; sm_90,
+                                   and sm_80 with its 164 KiB of shared memory per SM):
       regs_per_warp  = ceil(regs * 32 / 256) * 256                 (allocation unit 256 registers per warp)
       warps_regs     = floor(floor(16384 / regs_per_warp) * 4 / num_warps) * num_warps
                        (65536 registers in 4 sub-partitions of 16384; whole blocks only)
@@ -72,8 +76,11 @@ SMEM_PER_SM = 233472          # 228 KiB
 SMEM_RESERVED_PER_BLOCK = 1024
 SMEM_ALLOC_UNIT = 128
 SMEM_MAX_PER_BLOCK = 232448   # 227 KiB (opt-in above 48 KiB; Triton opts in)
+# what differs on sm_80 (A100): 164 KiB of shared memory per SM, 163 KiB per block; registers, warps and
+# blocks per SM as on sm_90
+SMEM_BY_ARCH = {90: (SMEM_PER_SM, SMEM_MAX_PER_BLOCK), 80: (167936, 166912)}
 
-COLUMNS = ["kernel", "label", "num_warps", "num_stages", "regs", "spill_st", "spill_ld", "shared",
+COLUMNS = ["kernel", "label", "target", "num_warps", "num_stages", "regs", "spill_st", "spill_ld", "shared",
            "ld", "ld_bits", "st", "st_bits", "tensor_ld", "tensor_st", "cp_async", "wgmma", "mma", "sass_mma",
            "warps_regs", "warps_sm"]
 
@@ -309,17 +316,25 @@ def _tool(name: str):
         return None
 
 
-def occupancy(regs, num_warps: int, shared) -> tuple:
+def arch_of_target(target: str) -> int:
+    """"sm_90a" -> 90, "sm_80" -> 80 (90 when unreadable)."""
+    m = re.search(r"sm_(\d+)", str(target))
+    return int(m.group(1)) if m else 90
+
+
+def occupancy(regs, num_warps: int, shared, arch: int = 90) -> tuple:
     """(warps per SM allowed by the registers alone, warps per SM allowed by registers, shared memory and
-    the block limit together), sm_90 rules of cuda_occupancy.h; None where regs is unknown."""
+    the block limit together), the rules of cuda_occupancy.h for sm_90 (or sm_80: its smaller shared memory);
+    None where regs is unknown."""
     if not isinstance(regs, int):
         return None, None
+    smem_per_sm, smem_max_per_block = SMEM_BY_ARCH.get(arch, SMEM_BY_ARCH[90])
     per_warp = math.ceil(regs * 32 / REG_ALLOC_UNIT) * REG_ALLOC_UNIT
     blocks_regs = (REGS_PER_SM // SUB_PARTITIONS // per_warp) * SUB_PARTITIONS // num_warps if per_warp else 10**9
     if regs > 255 or per_warp * math.ceil(num_warps / SUB_PARTITIONS) * SUB_PARTITIONS > REGS_PER_SM:
         blocks_regs = 0
     smem = math.ceil((int(shared or 0) + SMEM_RESERVED_PER_BLOCK) / SMEM_ALLOC_UNIT) * SMEM_ALLOC_UNIT
-    blocks_smem = SMEM_PER_SM // smem if (shared or 0) <= SMEM_MAX_PER_BLOCK else 0
+    blocks_smem = smem_per_sm // smem if (shared or 0) <= smem_max_per_block else 0
     warps_regs = min(MAX_WARPS_PER_SM, blocks_regs * num_warps)
     warps = min(MAX_WARPS_PER_SM, num_warps * min(blocks_regs, blocks_smem, MAX_BLOCKS_PER_SM))
     return warps_regs, warps
@@ -406,7 +421,8 @@ def analyse(spec, kernel, arch: int) -> dict:
     row["mma"] = len(re.findall(r"\bmma\.sync\b", code))
     sm = sass_mma(cubin)
     row["sass_mma"] = f"HGMMA:{sm['hgmma']} HMMA:{sm['hmma']}" if sm else "n/a: no cuobjdump"
-    row["warps_regs"], row["warps_sm"] = occupancy(row["regs"], row["num_warps"], row["shared"])
+    row["warps_regs"], row["warps_sm"] = occupancy(row["regs"], row["num_warps"], row["shared"],
+                                                   arch_of_target(row["target"]))
     row["ptxas_notes"] = res.get("ptxas_notes", "")
     row["compile_s"] = round(seconds, 2)
     return row
@@ -482,7 +498,7 @@ def native_rows(arch: int = 90) -> list[dict]:
             row[key] = res.get(key, "n/a: no ptxas -v log")
         row["ld"], row["ld_bits"] = _width_summary(acc, "ld")
         row["st"], row["st_bits"] = _width_summary(acc, "st")
-        row["warps_regs"], row["warps_sm"] = occupancy(row["regs"], row["num_warps"], 0)
+        row["warps_regs"], row["warps_sm"] = occupancy(row["regs"], row["num_warps"], 0, arch)
         rows.append(row)
     return rows
 
@@ -516,9 +532,10 @@ def _compile_one(job) -> dict:
         return dict(base, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300])
 
 
-def collect(modules: list[str] | None = None, arch: int = 90, quick: bool = False, jobs: int | None = None,
-            path: str | None = None) -> dict:
-    """Compile every spec of every module (default: every kernels/ module with a kernel) in a fresh Python
+def collect(modules: list[str] | None = None, arch: int | None = None, quick: bool = False,
+            jobs: int | None = None, path: str | None = None) -> dict:
+    """Compile every spec of every module (default: every kernels/ module with a kernel), each for its own
+    architecture (arch None) or only those for `arch` (see the module docstring), in a fresh Python
     process without TRITON_INTERPRET (the tests' conftest sets it, which makes @triton.jit build interpreter
     functions; a fresh process also keeps a CUDA context, if any, out of the compiles). Returns {"rows": [one
     dict per config], "errors": [modules whose specs could not be listed], "kernels": {module: the kernels
@@ -530,7 +547,8 @@ def _collect_subprocess(modules, arch, quick, jobs, path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "report.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--arch", str(arch), "--json", str(out), "--no-csv"]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--json", str(out), "--no-csv"]
+        cmd += ["--arch", str(arch)] if arch else []
         cmd += ["--modules", *modules] if modules else []
         cmd += ["--quick"] if quick else []
         cmd += ["--jobs", str(jobs)] if jobs else []
@@ -563,7 +581,9 @@ def _collect_here(modules, arch, quick, jobs) -> dict:
             for i, s in enumerate(specs):
                 first.setdefault(s.kernel, i)
             picked = sorted(first.values())
-        jobs_list += [(module, i, arch) for i in picked]
+        # each spec for its own architecture; with `arch`, only the specs for it (or for any)
+        own = [getattr(s, "arch", None) for s in specs]  # (an older KernelSpec, via --path, has none)
+        jobs_list += [(module, i, arch or own[i] or 90) for i in picked if arch is None or own[i] in (None, arch)]
     old_cache = os.environ.get("TRITON_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="kernel_report_") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # fresh: every config really goes through ptxas
@@ -587,10 +607,10 @@ def _collect_here(modules, arch, quick, jobs) -> dict:
             sources[f] = _git_short(Path(f)) if f else "unknown"
         r["source"] = sources[f]
     if not modules_given or "kernels.cuda" in modules_given:  # the native kernels: nvcc's, beside Triton's
-        rows += native_rows(arch)
+        rows += native_rows(arch or 90)
     from triton.backends.nvidia.compiler import get_ptxas
 
-    tool = get_ptxas(arch)
+    tool = get_ptxas(arch or 90)
     env = {"triton": triton.__version__, "ptxas": f"{tool.version} ({tool.path})", "arch": arch,
            "kernels_root": str(root)}
     return {"rows": rows, "errors": errors, "kernels": kernels, "env": env}
@@ -600,7 +620,9 @@ def _collect_here(modules, arch, quick, jobs) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90: sm_90a)")
+    p.add_argument("--arch", type=int, default=None,
+                   help="compile only the configurations for this compute capability (e.g. 90: sm_90a, 80), and "
+                        "those for any, for it (default: each for its own, sm_90 where it names none)")
     p.add_argument("--modules", nargs="+", help="modules to report (default: every kernels/ module with a kernel)")
     p.add_argument("--csv", default=None, help="CSV file to append to (default bench/results/kernels.csv)")
     p.add_argument("--no-csv", action="store_true", help="print only, append no rows")
@@ -626,7 +648,8 @@ def main(argv=None) -> int:
     from bench.utils import environment, print_table
 
     ok = [r for r in rows if "error" not in r]
-    print(f"# Triton {env['triton']}, ptxas {env['ptxas']}, target {ok[0]['target'] if ok else 'sm_' + str(args.arch)}"
+    targets = ", ".join(sorted({r["target"] for r in ok if r.get("target")})) or f"sm_{args.arch or 90}"
+    print(f"# Triton {env['triton']}, ptxas {env['ptxas']}, targets {targets}"
           f", kernels from {env['kernels_root']}; {len(rows)} configs in {wall:.1f} s")
     native = sorted({r["ptxas"] for r in ok if r.get("module") == "kernels.cuda"})
     if native:
@@ -652,7 +675,7 @@ def main(argv=None) -> int:
                   "ptxas": env["ptxas"].split(" ")[0], "tag": args.tag}
         out = []
         for r in rows:
-            row = dict(common, target=r.get("target", f"sm_{args.arch}"))
+            row = dict(common, target=r.get("target", f"sm_{args.arch or 90}"))
             row.update({k: v for k, v in r.items() if k not in ("tensor_accesses", "target")})
             out.append(row)
         if args.csv:

@@ -1,5 +1,6 @@
 """What a kernel file tells the static report (bench/kernel_report.py): every configuration its launcher
-can pick, in a form `triton.compile` takes without a GPU (ASTSource + GPUTarget, e.g. sm_90).
+can pick, in a form `triton.compile` takes without a GPU (ASTSource + GPUTarget, e.g. sm_90). A spec made
+for one architecture (a launcher whose table depends on the GPU: `arch`) is compiled for that one only.
 
 Each kernel file exposes `compile_specs() -> list[KernelSpec]`, built from the same selection code its
 launcher uses, so the report and the tests cover exactly what ships.
@@ -39,6 +40,8 @@ class KernelSpec:
     num_stages: int = 3
     facts: dict = field(default_factory=dict)  # what the launcher promises of this config (e.g. {"dtype": "bf16"})
     divisible: tuple = ()      # argument names the launch guarantees divisible by 16 (int) / 16-byte aligned (pointer)
+    arch: int | None = None    # the one architecture this configuration ships for (e.g. 80, 90); None: any
+    maxnreg: int | None = None  # the launch's maxnreg (PTX .maxnreg: ptxas's register cap), if it sets one
 
     @property
     def kernel(self) -> str:
@@ -63,10 +66,14 @@ class KernelSpec:
         return ASTSource(fn, {n: self.signature[n] for n in names},
                          constexprs={(names.index(n),): v for n, v in self.constexprs.items()}, attrs=attrs)
 
-    def compile(self, arch: int = 90):
-        """Compile for a CUDA target without a GPU (Triton's own ptxas); returns triton's CompiledKernel."""
+    def compile(self, arch: int | None = None):
+        """Compile for a CUDA target without a GPU (Triton's own ptxas): `arch`, else the spec's own, else sm_90;
+        returns triton's CompiledKernel."""
         import triton
         from triton.backends.compiler import GPUTarget
 
-        return triton.compile(self.ast_source(), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": self.num_warps, "num_stages": self.num_stages})
+        arch = arch or self.arch or 90
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
+        return triton.compile(self.ast_source(), target=GPUTarget("cuda", arch, 32), options=options)

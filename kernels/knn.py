@@ -24,15 +24,33 @@ k > 64: the list of one pass holds 64 entries (registers); further passes find t
 bound (the previous pass's last key and index, compared as a pair, so ties across passes are exact). Each pass
 recomputes the distances: k = 100 costs two passes, k = 256 four.
 
+Configurations (`candidates`, `pick_config`): a table per GPU architecture (sm_90: wgmma tiles; sm_80 and
+every other GPU: mma.sync tiles), input dtype and dot precision, list slots (k) and row alignment, each entry a
+short list whose first configuration is the default. On a GPU the first call of each key (architecture, dtype,
+precision, list slots, alignment, class of D: the power of two >= D) times the list with triton.autotune and
+keeps the winner for the process (`_WINNERS`); never under the interpreter (one small fixed tile: fast and
+deterministic), never while a CUDA graph is captured (the known winner or the default),
+SEAL_FAST_KNN_AUTOTUNE=0: always the default. All candidates of a key issue the same MMAs in the same order
+along D, so the winner changes the speed, not the result. Every configuration compiles for its architecture
+without spills under a 240-register cap (compile_specs, tests/test_kernel_static.py).
+
+Addressing: row and column indices are int32 (queries, support rows and features at most MAX_ROWS =
+2^31 - 4096, so index + tile stays below 2^31); every product of an index and a stride is int64, so any strides
+work (e.g. column-major views, feats.T, whose offsets pass 2^31 elements). The slices are the grid's y
+dimension: at most 65,535.
+
 Extra memory: the keys, Q x slices x k x 8 bytes, and the norms, (Q + N) x 4 bytes; never O(Q x N).
 Ties: equal distances are ordered by the lower support index (the exact rule of the reference).
-fp32 inputs use TF32 tensor cores only if torch.backends.cuda.matmul.allow_tf32 is set, like torch.mm.
+fp32 inputs use TF32 tensor cores only where torch.mm would (torch.backends.cuda.matmul.fp32_precision = "tf32",
+or the legacy allow_tf32).
 Interpreter: Triton 3.8's interpreted tl.dot returns garbage for bfloat16 operands, so under
 TRITON_INTERPRET=1 bf16 tiles are upcast (exactly) to fp32 before the dot; compiled code is unaffected.
 """
 
 from __future__ import annotations
 
+import contextlib
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -45,32 +63,39 @@ K_PER_PASS = 64        # list entries one pass keeps in registers; larger k runs
 _SENTINEL = 2**63 - 1  # larger than every real key: real keys have a clear sign bit and bits < 0x7FC00001 << 32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NORMS_GPU = (8, 256, 4)  # the norm pre-pass on a GPU: BLOCK_R, BLOCK_D, num_warps
+MAX_ROWS = 2**31 - 4096  # queries, support rows, features: int32 indices, with a tile of headroom below 2^31
+MAX_SPLITS = 65535       # slices of the support: the CUDA grid's y dimension
 
 
 @triton.jit
 def _norms_kernel(x_ptr, out_ptr, R, D, stride_r, stride_d, COSINE: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     """out[r] = sum_d x[r, d]^2, accumulated in fp64 and rounded once to fp32 (COSINE: 1 / max(sqrt(that), 1e-8))."""
-    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # < R + BLOCK_R <= MAX_ROWS + 16: no int32 overflow
     rmask = rr < R
     rd = tl.arange(0, BLOCK_D)
-    ptrs = x_ptr + rr[:, None].to(tl.int64) * stride_r + rd[None, :] * stride_d
+    # 64-bit offsets: a column-major x (stride_d = R) passes 2^31 elements at R * BLOCK_D >= 2^31
+    ptrs = x_ptr + rr[:, None].to(tl.int64) * stride_r + rd[None, :].to(tl.int64) * stride_d
+    step = tl.cast(stride_d, tl.int64) * BLOCK_D
     acc = tl.zeros((BLOCK_R,), dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
         x = tl.load(ptrs, mask=rmask[:, None] & (rd[None, :] < D - d0), other=0.0).to(tl.float64)
         acc += tl.sum(x * x, axis=1)
-        ptrs += BLOCK_D * stride_d
+        ptrs += step
     if COSINE:
         acc = 1.0 / tl.maximum(tl.sqrt(acc), 1e-8)
     tl.store(out_ptr + rr, acc.to(tl.float32), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_arch", "tune_d", "tune_aligned"])
 def _knn_kernel(q_ptr, x_ptr, qn_ptr, xn_ptr, lb_ptr, excl_ptr, out_ptr, Q, N, D, K, per_split,
-                stride_qm, stride_qd, stride_xn, stride_xd,
+                stride_qm, stride_qd, stride_xn, stride_xd, tune_arch, tune_d, tune_aligned,
                 KP: tl.constexpr, COSINE: tl.constexpr, EXCLUDE: tl.constexpr, LOWER: tl.constexpr,
                 SELECT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
                 BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # tune_arch, tune_d, tune_aligned: unused here, the autotuner's key (the GPU's architecture, the class of D,
+    # 16-byte aligned rows). Row and column indices stay int32 (< MAX_ROWS + a tile: no overflow); every offset
+    # that multiplies an index by a stride is int64.
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
     rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -94,13 +119,15 @@ def _knn_kernel(q_ptr, x_ptr, qn_ptr, xn_ptr, lb_ptr, excl_ptr, out_ptr, Q, N, D
         lb_key = (lb >> 32).to(tl.int32)
         lb_idx = (lb & 0xFFFFFFFF).to(tl.int32)
     rowmin = tl.full((BLOCK_Q,), 2147483647, dtype=tl.int32)
-    n_lo = pid_s * per_split
-    n_hi = tl.minimum(N, n_lo + per_split)
+    n_lo = pid_s * per_split                  # < N: the launcher makes no empty slice
+    n_hi = n_lo + tl.minimum(N - n_lo, per_split)  # not min(N, n_lo + per_split): that sum can pass 2^31
+    q_step = tl.cast(stride_qd, tl.int64) * BLOCK_D
+    x_step = tl.cast(stride_xd, tl.int64) * BLOCK_D
     for n0 in range(n_lo, n_hi, BLOCK_N):
         rn = n0 + cols
         rn_ld = tl.minimum(rn, N - 1)
-        qp = q_ptr + rq_ld[:, None].to(tl.int64) * stride_qm + rd[None, :] * stride_qd
-        xp = x_ptr + rn_ld[None, :].to(tl.int64) * stride_xn + rd[:, None] * stride_xd  # [BLOCK_D, BLOCK_N]
+        qp = q_ptr + rq_ld[:, None].to(tl.int64) * stride_qm + rd[None, :].to(tl.int64) * stride_qd
+        xp = x_ptr + rn_ld[None, :].to(tl.int64) * stride_xn + rd[:, None].to(tl.int64) * stride_xd  # [D, N] tile
         acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             if EVEN_D:
@@ -113,8 +140,8 @@ def _knn_kernel(q_ptr, x_ptr, qn_ptr, xn_ptr, lb_ptr, excl_ptr, out_ptr, Q, N, D
                 acc = tl.dot(q.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(q, xt, acc, input_precision=PRECISION)
-            qp += BLOCK_D * stride_qd
-            xp += BLOCK_D * stride_xd
+            qp += q_step
+            xp += x_step
         xn = tl.load(xn_ptr + rn_ld)
         if COSINE:
             dist = 1.0 - acc * (qn[:, None] * xn[None, :])
@@ -158,22 +185,47 @@ def _interpreted() -> bool:
 
 @dataclass(frozen=True)
 class Config:
-    """What the launcher picks for one call: tile, warps, pipeline stages."""
+    """One launch configuration of `_knn_kernel`: tile, warps, pipeline stages."""
     block_q: int
     block_n: int
     block_d: int
     num_warps: int
     num_stages: int
 
+    def triton(self) -> triton.Config:
+        """The same as a triton.Config (one object per Config, so the autotuner's choice maps back)."""
+        if self not in _TRITON_CONFIGS:
+            _TRITON_CONFIGS[self] = triton.Config({"BLOCK_Q": self.block_q, "BLOCK_N": self.block_n,
+                                                   "BLOCK_D": self.block_d}, num_warps=self.num_warps,
+                                                  num_stages=self.num_stages, maxnreg=MAXNREG)
+        return _TRITON_CONFIGS[self]
 
-def _triton_version() -> tuple[int, int]:
-    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+    @staticmethod
+    def of(c: triton.Config) -> "Config":
+        return Config(c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
 
 
-# fp32 "ieee" dot on unaligned rows: element-wise loads, so the shortest D step that keeps the registers in hand.
-# Triton >= 3.8 takes K = 8 there (254 registers, no spills at sm_90); Triton 3.6 (the GPU machine's) refuses
-# tl.dot with K < 16, and at K = 16 it stays at 214 registers without spills (Triton 3.8 would spill at 16).
-_UNALIGNED_IEEE_BLOCK_D = 8 if _triton_version() >= (3, 8) else 16
+_TRITON_CONFIGS: dict[Config, triton.Config] = {}
+
+
+_INTERPRETER = Config(16, 32, 32, 4, 1)  # under TRITON_INTERPRET=1: small tiles, where each op is numpy
+# Every launch of `_knn_kernel` caps the registers (PTX .maxnreg) at 240: two 4-warp blocks per SM, 15 below the
+# hardware's 255. Without a cap, ptxas may trade registers for occupancy: for a 128-thread block it sometimes
+# stops at 168 or 128 registers (3 or 4 blocks per SM) and spills (e.g. sm_80 bf16 64x64x32 k = 10: 168
+# registers, 36 bytes of spill stores; capped, 206 and none), and which configurations it does that to changes
+# with the code and the compiler. Every shipped configuration compiles under the cap without spills (sm_90 and
+# sm_80, Triton 3.6 / ptxas 12.8 and Triton 3.8 / ptxas 12.9); a compiler that needs more shows it as spills
+# in tests/test_kernel_static.py, and the cap can rise to 255 before any configuration must change.
+MAXNREG = 240
+
+
+def arch_of(device) -> int | None:
+    """The configuration table a device uses: 90 (Hopper: wgmma) for compute capability 9.x, 80 (mma.sync tiles,
+    valid on every later GPU too) for every other CUDA device; None for the interpreter (CPU)."""
+    if _interpreted() or torch.device(device).type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if major == 9 else 80
 
 
 def list_slots(k: int) -> int:
@@ -181,33 +233,147 @@ def list_slots(k: int) -> int:
     return max(16, triton.next_power_of_2(min(k, K_PER_PASS)))
 
 
-def pick_config(dtype: torch.dtype, precision: str | None, kp: int, aligned: bool = True, gpu: bool = True) -> Config:
-    """The launcher's table, by input dtype, dot precision ("ieee" / "tf32" for fp32, None for 16-bit), list slots
-    KP and whether rows are 16-byte aligned (unit stride along D, row strides and base pointers multiples of 16:
-    128-bit cp.async copies; otherwise element-wise loads through registers, so short BLOCK_D steps).
-    Registers bound it: the accumulator (BLOCK_Q x BLOCK_N fp32) and the list (BLOCK_Q x KP int64) live in
-    registers, and two blocks must share an SM (<= 255 registers at 4 warps) so that one block's selection
-    overlaps the other's MMAs. BLOCK_Q = 64 with 4 warps is one warpgroup: wgmma (M = 64) for every k, and every
-    row of a tile inside one warp, so the selection's row reductions are warp shuffles without shared memory.
-    Under the interpreter (gpu=False): small tiles, where each op is numpy."""
-    if not gpu:
-        return Config(16, 32, 32, 4, 1)
-    if dtype == torch.float32 and precision == "ieee":  # CUDA-core FMA dot: operands in registers, small steps
-        return Config(32, 64, 16 if aligned else _UNALIGNED_IEEE_BLOCK_D, 4, 2)
-    block_n = 128 if kp <= 32 else 64                  # KP = 64: the list takes the accumulator's registers
-    if not aligned:
-        return Config(64, block_n, 16 if block_n == 128 or dtype == torch.float32 else 32, 4, 3)
-    return Config(64, block_n, 32 if dtype == torch.float32 else 64, 4, 3)  # tf32: 4-byte elements, 128-byte rows
+def d_class(d: int) -> int:
+    """The feature-dimension class the autotuner keys on: the power of two >= D, within [16, 32768]."""
+    return min(max(16, triton.next_power_of_2(d)), 32768)
+
+
+def candidates(arch: int | None, dtype: torch.dtype, precision: str | None, kp: int,
+               aligned: bool = True) -> tuple[Config, ...]:
+    """The configurations the launcher may run for (architecture, input dtype, dot precision, list slots KP,
+    16-byte aligned rows); the first is the default (no tuning), the others what the GPU autotuner also times.
+    Every one compiles for its architecture without register spills (compile_specs; tests/test_kernel_static.py).
+
+    Registers bound them: the accumulator (BLOCK_Q x BLOCK_N fp32) and the list (BLOCK_Q x KP int64) live in
+    registers, and two blocks must share an SM (MAXNREG = 240 registers at 4 warps) so that one block's selection
+    overlaps the other's MMAs. sm_90: BLOCK_Q = 64 with 4 warps is one warpgroup, wgmma (M = 64) for every k, and
+    every row of a tile inside one warp, so the selection's row reductions are warp shuffles. The candidates of a
+    key differ in tiles, stages and D steps only: each output element gets the same products accumulated in the
+    same order along D, so the distances, and the result, do not depend on which one wins (on a GPU:
+    test_cuda_every_candidate_agrees_and_the_winner_is_cached). Unaligned rows (not 16-byte: no 128-bit
+    cp.async) are loaded element-wise through registers: short BLOCK_D steps. fp32 "ieee": the CUDA-core FMA
+    dot, operands in registers."""
+    if arch is None:
+        return (_INTERPRETER,)
+    return _TABLE[(arch, _kind(dtype, precision), kp, aligned)]
+
+
+def _kind(dtype: torch.dtype, precision: str | None) -> str:
+    return {torch.bfloat16: "16", torch.float16: "16"}.get(dtype, "ieee" if precision == "ieee" else "tf32")
+
+
+def _build_table() -> dict:
+    """(arch, kind, KP, aligned) -> candidates, the default first. kind: "16" (bf16 / fp16), "tf32", "ieee" (fp32
+    on CUDA cores). Chosen on the compiled code (bench/kernel_report.py, both archs, Triton 3.6 and 3.8): no
+    spills under the MAXNREG cap. sm_90's defaults for aligned rows are the configurations that ran on the H200
+    (2026-12); its unaligned ones replace the old 254-255-register tiles (no headroom); the other candidates, and
+    all of sm_80, are the autotuner's to judge (not yet timed on a GPU)."""
+    C = Config
+    t = {}
+    for kp in (16, 32, 64):
+        wide = kp <= 32  # KP = 64: the list takes the accumulator's registers
+        # sm_90: wgmma, BLOCK_Q = 64 (one warpgroup) everywhere
+        t[(90, "16", kp, True)] = ((C(64, 128, 64, 4, 3), C(64, 64, 64, 4, 3), C(64, 128, 64, 4, 4)) if wide else
+                                   (C(64, 64, 64, 4, 3), C(64, 64, 64, 4, 4), C(64, 64, 128, 4, 3)))
+        t[(90, "16", kp, False)] = ((C(64, 64, 16, 4, 2), C(64, 32, 32, 4, 2)) if wide else
+                                    (C(64, 32, 16, 4, 2), C(64, 32, 32, 4, 2)))
+        t[(90, "tf32", kp, True)] = ((C(64, 128, 32, 4, 3), C(64, 64, 32, 4, 3), C(64, 128, 32, 4, 4)) if wide else
+                                     (C(64, 64, 32, 4, 3), C(64, 64, 32, 4, 4), C(64, 64, 64, 4, 3)))
+        t[(90, "tf32", kp, False)] = ((C(64, 64, 16, 4, 2), C(64, 32, 16, 4, 2)) if wide else
+                                      (C(64, 32, 16, 4, 2),))
+        t[(90, "ieee", kp, True)] = (C(32, 64, 16, 4, 2), C(32, 32, 16, 4, 2), C(16, 64, 16, 4, 2))
+        t[(90, "ieee", kp, False)] = (C(32, 32, 16, 4, 2), C(16, 64, 16, 4, 2))
+        # sm_80: mma.sync; the accumulator layout costs more registers than wgmma's, so smaller tiles
+        t[(80, "16", kp, True)] = ((C(64, 64, 32, 4, 3), C(32, 64, 64, 4, 3), C(64, 32, 64, 4, 3)) if wide else
+                                   (C(32, 64, 64, 4, 3), C(64, 32, 64, 4, 3), C(32, 64, 32, 4, 3)))
+        t[(80, "16", kp, False)] = ((C(32, 32, 32, 4, 2), C(64, 32, 16, 4, 2)) if wide else
+                                    (C(32, 32, 32, 4, 2), C(32, 64, 16, 4, 2)))
+        t[(80, "tf32", kp, True)] = (C(32, 64, 32, 4, 3), C(64, 32, 32, 4, 3))
+        t[(80, "tf32", kp, False)] = (C(32, 32, 16, 4, 2), C(32, 64, 16, 4, 2) if wide else C(64, 32, 16, 4, 2))
+        t[(80, "ieee", kp, True)] = (C(32, 32, 16, 4, 2), C(16, 64, 16, 4, 2))
+        t[(80, "ieee", kp, False)] = (C(32, 32, 16, 4, 2), C(16, 64, 16, 4, 2))
+    return t
+
+
+ARCHS = (90, 80)  # the architectures the tables are made (and compiled, by compile_specs) for
+_TABLE = _build_table()
+
+
+def pick_config(arch: int | None, dtype: torch.dtype, precision: str | None, k: int, d: int,
+                aligned: bool = True) -> Config:
+    """The configuration a call runs with for (architecture, dtype, precision, k, D, alignment): the autotuner's
+    winner for that key once one is known, else the table's default (`candidates(...)[0]`)."""
+    kp = list_slots(k)
+    return _WINNERS.get(_tune_key(arch, dtype, precision, kp, d, aligned)) or candidates(arch, dtype, precision, kp,
+                                                                                           aligned)[0]
+
+
+def _tune_key(arch, dtype, precision, kp, d, aligned) -> tuple:
+    return arch, dtype, precision, kp, d_class(d), aligned
+
+
+_WINNERS: dict[tuple, Config] = {}  # the autotuner's winners, by _tune_key (the launcher's own record of them)
+# SEAL_FAST_KNN_AUTOTUNE=0: always the table's defaults (no timing on the first call of each key)
+AUTOTUNE = os.environ.get("SEAL_FAST_KNN_AUTOTUNE", "1") != "0"
+
+
+def _bench(fn, quantiles):
+    """The autotuner's timer (triton.testing.do_bench, what it uses by default); a test may replace it."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, quantiles=quantiles)
+
+
+def _prune(configs, named_args, **kwargs):
+    """The autotuner's list for this call: the candidates of its (architecture, dtype, precision, KP, alignment)."""
+    arch = named_args["tune_arch"] or None
+    group = candidates(arch, named_args["q_ptr"].dtype, kwargs["PRECISION"], kwargs["KP"],
+                       bool(named_args["tune_aligned"]))
+    return [c.triton() for c in group]
+
+
+def _all_candidates() -> list:
+    return [c.triton() for c in dict.fromkeys(c for group in _TABLE.values() for c in group)]
+
+
+# EVEN_D follows BLOCK_D, which the autotuner chooses
+_knn_launch = triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})(_knn_kernel)
+_knn_tuned = triton.autotune(
+    configs=_all_candidates(),
+    # the dtypes of the tensor arguments join the key by themselves; constexprs outside the key (COSINE, EXCLUDE,
+    # LOWER, SELECT) reuse the winner of their key
+    key=["tune_arch", "tune_d", "tune_aligned", "KP", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=lambda fn, quantiles: _bench(fn, quantiles))(_knn_launch)
+
+
+def _tuning(device: torch.device) -> bool:
+    """Time the candidates on this call (for a key without a winner yet)? Only on a GPU, never under the
+    interpreter (deterministic, fast tests) and never while a CUDA graph is being captured (timing runs would be
+    captured; the graph gets the known winner or the default instead)."""
+    return AUTOTUNE and device.type == "cuda" and not _interpreted() and not torch.cuda.is_current_stream_capturing()
 
 
 def _precision(dtype: torch.dtype) -> str | None:
     """16-bit inputs: tensor cores (Triton's default); fp32: exact unless torch allows TF32, like torch.mm."""
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return "tf32" if _tf32_allowed() else "ieee"
     return None
 
 
-def _check(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str, exclude, pad: bool) -> None:
+def _tf32_allowed() -> bool:
+    """Whether torch.mm may use TF32 for fp32: torch.backends.cuda.matmul.fp32_precision (torch >= 2.9; it also
+    reflects the global torch.backends.fp32_precision and the legacy flag), else the legacy allow_tf32. Reading
+    allow_tf32 raises once TF32 has been enabled through the new API ("mix of the legacy and new APIs")."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def _check(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str, exclude, pad: bool,
+           splits=None) -> None:
     if metric not in ("l2", "cosine"):
         raise ValueError(f"knn_topk: metric {metric!r}: choose 'l2' or 'cosine'")
     if queries.dim() != 2 or support.dim() != 2:
@@ -227,11 +393,17 @@ def _check(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str, ex
         raise ValueError(f"knn_topk: k = {k}; it must be between 1 and {MAX_K}")
     if k > n and not pad:
         raise ValueError(f"knn_topk: k = {k} neighbours asked for, but the support has only {n} points")
-    if n >= 2**31:
-        raise ValueError(f"knn_topk: the support has {n} points; at most 2^31 - 1 are supported")
+    for what, count in (("support points", n), ("queries", q), ("features", d)):
+        if count > MAX_ROWS:
+            raise ValueError(f"knn_topk: {count} {what}; at most {MAX_ROWS} (2^31 - 4096: int32 indices with a "
+                             "tile of headroom) are supported: split the call")
     if exclude is not None and (exclude.shape != (q,) or exclude.dtype != torch.int64):
         raise ValueError(f"knn_topk: exclude must be an int64 tensor of shape [{q}] (one support index per query, "
                          f"-1 for none), got {exclude.dtype} {tuple(exclude.shape)}")
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, numbers.Integral)
+                               or not 1 <= splits <= MAX_SPLITS):
+        raise ValueError(f"knn_topk: splits = {splits!r}; it must be an integer between 1 and {MAX_SPLITS} (the "
+                         "CUDA grid's y limit)")
 
 
 def decode(keys: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +439,12 @@ def default_splits(q_blocks: int, n: int, k: int, block_n: int, sms: int) -> int
     1/40 of a Q x N fp32 distance matrix: slices <= N / (80 k). On an H200 (132 SMs) Q = 1,000, N = 20,000,
     k = 30 once took 33 slices, 7.9 MB of keys (and as much again for a reordering copy, since removed)."""
     fill = triton.cdiv(4 * sms, q_blocks) if sms else 1
-    return max(1, min(triton.cdiv(n, block_n), fill, n // (80 * k)))
+    return max(1, min(triton.cdiv(n, block_n), fill, n // (80 * k), MAX_SPLITS))
+
+
+def _device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the inputs' one (a no-op on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _stage1(queries, support, qn, xn, k, cosine, exclude, lower, splits, select=True):
@@ -275,25 +452,36 @@ def _stage1(queries, support, qn, xn, k, cosine, exclude, lower, splits, select=
     (q, d), n = queries.shape, support.shape[0]
     precision = _precision(queries.dtype)
     kp = list_slots(k)
-    cfg = pick_config(queries.dtype, precision, kp, _aligned(queries) and _aligned(support),
-                      gpu=queries.device.type == "cuda")
-    q_blocks = triton.cdiv(q, cfg.block_q)
+    arch = arch_of(queries.device)
+    aligned = _aligned(queries) and _aligned(support)
+    group = candidates(arch, queries.dtype, precision, kp, aligned)
+    # the slices are whole tiles of every candidate, so they (and the keys buffer) do not depend on the winner
+    grain = max(c.block_n for c in group)
     if splits is None:
         sms = torch.cuda.get_device_properties(queries.device).multi_processor_count \
             if queries.device.type == "cuda" else 0
-        splits = default_splits(q_blocks, n, k, cfg.block_n, sms)
-    per_split = triton.cdiv(triton.cdiv(n, splits), cfg.block_n) * cfg.block_n
-    splits = triton.cdiv(n, per_split)
+        splits = default_splits(triton.cdiv(q, group[0].block_q), n, k, grain, sms)
+    per_split = triton.cdiv(triton.cdiv(n, splits), grain) * grain
+    splits = triton.cdiv(n, per_split)  # every slice starts below N
     width = k if select else 1
     keys = torch.empty(q, splits, width, dtype=torch.int64, device=queries.device)
     any_ptr = keys  # any pointer; not read without EXCLUDE / LOWER
-    _knn_kernel[(q_blocks, splits)](
-        queries, support, qn, xn, lower if lower is not None else any_ptr, exclude if exclude is not None else any_ptr,
-        keys, q, n, d, width, per_split, queries.stride(0), queries.stride(1), support.stride(0), support.stride(1),
-        KP=kp, COSINE=cosine, EXCLUDE=exclude is not None, LOWER=lower is not None, SELECT=select,
-        PRECISION=precision, UPCAST=_interpreted() and queries.dtype == torch.bfloat16, EVEN_D=d % cfg.block_d == 0,
-        BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        **({} if _interpreted() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+    args = (queries, support, qn, xn, lower if lower is not None else any_ptr,
+            exclude if exclude is not None else any_ptr, keys, q, n, d, width, per_split,
+            queries.stride(0), queries.stride(1), support.stride(0), support.stride(1), arch or 0, d_class(d),
+            int(aligned))
+    consts = dict(KP=kp, COSINE=cosine, EXCLUDE=exclude is not None, LOWER=lower is not None, SELECT=select,
+                  PRECISION=precision, UPCAST=_interpreted() and queries.dtype == torch.bfloat16)
+    key = _tune_key(arch, queries.dtype, precision, kp, d, aligned)
+    if len(group) > 1 and _tuning(queries.device):
+        _knn_tuned[lambda meta: (triton.cdiv(q, meta["BLOCK_Q"]), splits)](*args, **consts)
+        _WINNERS[key] = Config.of(_knn_tuned.best_config)
+    else:
+        cfg = _WINNERS.get(key) or group[0]
+        _knn_launch[(triton.cdiv(q, cfg.block_q), splits)](
+            *args, **consts, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+            **({} if _interpreted() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                          "maxnreg": MAXNREG}))
     return keys.view(q, splits * width)
 
 
@@ -347,23 +535,28 @@ def knn_topk(queries: torch.Tensor, support: torch.Tensor, k: int, metric: str =
     exclude: int64 [Q], a support index each query may not return (-1: none), e.g. torch.arange(Q) when the
       queries are the first Q support points (probing training points without counting themselves).
     pad: allow k > N (or fewer than k candidates after exclusion): missing neighbours come back as (inf, -1).
-    splits: slices of the support per query block (default: enough programs to fill the GPU).
-    backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else PyTorch ops), "triton", "torch"."""
-    _check(queries, support, k, metric, exclude, pad)
+    splits: slices of the support per query block, 1 to 65,535 (default: enough programs to fill the GPU).
+    backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else PyTorch ops), "triton", "torch".
+    On a GPU the first call of each shape class times a few kernel configurations (see the module docstring;
+    SEAL_FAST_KNN_AUTOTUNE=0 turns that off); the results do not depend on which one wins."""
+    _check(queries, support, k, metric, exclude, pad, splits)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"knn_topk: backend {backend!r}: choose auto, triton or torch")
     if backend == "torch" or (backend == "auto" and queries.device.type != "cuda" and not _interpreted()):
         return _topk_torch(queries, support, k, metric, exclude)
     cosine = metric == "cosine"
-    qn, xn = _norms(queries, cosine), _norms(support, cosine)
-    found, lower = [], None
-    for lo in range(0, k, K_PER_PASS):  # one pass for k <= K_PER_PASS
-        part = min(K_PER_PASS, k - lo)
-        keys = _stage1(queries, support, qn, xn, part, cosine, exclude, lower, splits)
-        keys = torch.topk(keys, part, dim=1, largest=False, sorted=True).values  # the lists come unsorted
-        found.append(keys)
-        lower = keys[:, -1].contiguous()  # the next pass takes only pairs (key, index) above this one
-    return decode(found[0] if len(found) == 1 else torch.cat(found, 1), metric)
+    if exclude is not None:  # the kernel reads exclude[i] at offset i: on the queries' device, contiguous
+        exclude = exclude.to(queries.device).contiguous()
+    with _device(queries.device):
+        qn, xn = _norms(queries, cosine), _norms(support, cosine)
+        found, lower = [], None
+        for lo in range(0, k, K_PER_PASS):  # one pass for k <= K_PER_PASS
+            part = min(K_PER_PASS, k - lo)
+            keys = _stage1(queries, support, qn, xn, part, cosine, exclude, lower, splits)
+            keys = torch.topk(keys, part, dim=1, largest=False, sorted=True).values  # the lists come unsorted
+            found.append(keys)
+            lower = keys[:, -1].contiguous()  # the next pass takes only pairs (key, index) above this one
+        return decode(found[0] if len(found) == 1 else torch.cat(found, 1), metric)
 
 
 def merge_topk(best: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor],
@@ -389,55 +582,74 @@ def knn_distance_pass(queries: torch.Tensor, support: torch.Tensor, k: int, metr
     nearest distance of each query (= knn_topk(...)[0][:, 0]). Its time is knn_topk's without the top-k."""
     _check(queries, support, k, metric, None, False)
     cosine = metric == "cosine"
-    qn, xn = _norms(queries, cosine), _norms(support, cosine)
-    keys = _stage1(queries, support, qn, xn, min(k, K_PER_PASS), cosine, None, None, None, select=False)
-    return decode(keys.min(dim=1).values, metric)[0]
+    with _device(queries.device):
+        qn, xn = _norms(queries, cosine), _norms(support, cosine)
+        keys = _stage1(queries, support, qn, xn, min(k, K_PER_PASS), cosine, None, None, None, select=False)
+        return decode(keys.min(dim=1).values, metric)[0]
+
+
+_SPEC_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SPEC_K = {16: 10, 32: 30, 64: 64}  # a k of each list-slot bucket
+
+
+def knn_spec(arch: int, name: str, precision: str | None, kp: int, aligned: bool, cfg: Config, flavour: str):
+    """One `_knn_kernel` configuration as a KernelSpec for `arch` (sm_90 / sm_80). flavour "plain": l2, D a
+    multiple of BLOCK_D when the rows are aligned; "full": every option on (cosine, exclude, a later pass of
+    k > 64 when KP = 64, a ragged last D step): the most live values; "distances": the benchmark's
+    distances-only variant. Aligned: unit stride along D (the launch specialises a stride of 1 to a constant),
+    16-aligned pointers, row strides and D, as [*, 2048] tensors; unaligned: nothing divisible by 16, e.g. rows
+    of D = 2065 ("plain"), or a column-major view with runtime strides along D ("full")."""
+    from .compile_spec import KernelSpec
+
+    full, select = flavour == "full", flavour != "distances"
+    lower = full and kp == K_PER_PASS
+    even_d = aligned and not full
+    k = _SPEC_K[kp]
+    sig = {"q_ptr": f"*{name}", "x_ptr": f"*{name}", "qn_ptr": "*fp32", "xn_ptr": "*fp32", "lb_ptr": "*i64",
+           "excl_ptr": "*i64", "out_ptr": "*i64", "Q": "i32", "N": "i32", "D": "i32", "K": "i32", "per_split": "i32",
+           "stride_qm": "i32", "stride_qd": "i32", "stride_xn": "i32", "stride_xd": "i32", "tune_arch": "i32",
+           "tune_d": "i32", "tune_aligned": "i32"}
+    const = {"KP": kp, "COSINE": full, "EXCLUDE": full, "LOWER": lower, "SELECT": select, "PRECISION": precision,
+             "UPCAST": False, "EVEN_D": even_d, "BLOCK_Q": cfg.block_q, "BLOCK_N": cfg.block_n,
+             "BLOCK_D": cfg.block_d}
+    if aligned or not full:  # unaligned "full": a column-major view, runtime strides along D
+        const.update(stride_qd=1, stride_xd=1)
+    sig.update({n: "constexpr" for n in const})
+    divisible = ("qn_ptr", "xn_ptr", "lb_ptr", "excl_ptr", "out_ptr", "per_split")
+    divisible += ("q_ptr", "x_ptr", "stride_qm", "stride_xn", "D") if aligned else ()
+    tag = f"{name}-{precision}" if precision else name
+    label = (f"knn sm_{arch} {tag} kp{kp} {cfg.block_q}x{cfg.block_n}x{cfg.block_d} w{cfg.num_warps} "
+             f"s{cfg.num_stages} {flavour}" + ("" if aligned else " unaligned"))
+    return KernelSpec(label, _knn_kernel, sig, const, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                      divisible=divisible, arch=arch, maxnreg=MAXNREG,
+                      facts={"kernel": "knn", "arch": arch, "dtype": name, "precision": precision or name, "k": k,
+                             "kp": kp, "metric": "cosine" if full else "l2", "exclude": full, "later_pass": lower,
+                             "select": select, "even_d": even_d, "aligned": aligned, "flavour": flavour,
+                             "default": cfg == candidates(arch, _SPEC_DTYPES[name], precision, kp, aligned)[0],
+                             "tensor_cores": precision != "ieee",
+                             "tile": [cfg.block_q, cfg.block_n, cfg.block_d],
+                             "config": [cfg.block_q, cfg.block_n, cfg.block_d, cfg.num_warps, cfg.num_stages]})
 
 
 def compile_specs() -> list:
-    """Every configuration the launcher can pick on a GPU (bench/kernel_report.py compiles them for sm_90), from
-    the same table (list_slots, pick_config, _precision): per input dtype and dot precision, each list-size
-    bucket (k = 10, 30, 64: KP 16 / 32 / 64), the later passes of k > 64 (LOWER), cosine with exclude on a D
-    that is not a multiple of BLOCK_D (masked loads), rows that are not 16-byte aligned (e.g. D = 2065), the
-    benchmark's distances-only variant, and the norm pre-pass. Aligned specs: unit stride along D (the launch
-    specialises a stride of 1 to a constant), 16-aligned pointers, row strides and D, as [*, 2048] tensors."""
+    """Every configuration the launcher can run on a GPU, from the same tables (candidates, list_slots,
+    _precision), each for its own architecture (sm_90 and sm_80; bench/kernel_report.py compiles them): per
+    architecture, input dtype and dot precision, list-slot bucket (k = 10, 30, 64: KP 16 / 32 / 64) and row
+    alignment, every autotune candidate in its "plain" and its "full" flavour (knn_spec), the benchmark's
+    distances-only variant of the default for k = 30, and the norm pre-pass (for any architecture)."""
     from .compile_spec import KernelSpec
 
     specs = []
-    kinds = [("fp32", torch.float32, "ieee"), ("fp32", torch.float32, "tf32"), ("bf16", torch.bfloat16, None),
-             ("fp16", torch.float16, None)]
-    for name, dtype, precision in kinds:
-        tag = f"{name}-{precision}" if precision else name
-        variants = [{"k": k} for k in (10, 30, 64)]
-        variants += [{"k": MAX_K, "lower": True}, {"k": 30, "cosine": True, "exclude": True, "even_d": False},
-                     {"k": 30, "aligned": False, "even_d": False}, {"k": 64, "aligned": False, "even_d": False},
-                     {"k": 30, "select": False}]
-        for v in variants:
-            k, lower, cosine = v["k"], v.get("lower", False), v.get("cosine", False)
-            exclude, even_d, select = v.get("exclude", False), v.get("even_d", True), v.get("select", True)
-            aligned = v.get("aligned", True)
-            kp = list_slots(k)
-            cfg = pick_config(dtype, precision, kp, aligned)
-            sig = {"q_ptr": f"*{name}", "x_ptr": f"*{name}", "qn_ptr": "*fp32", "xn_ptr": "*fp32", "lb_ptr": "*i64",
-                   "excl_ptr": "*i64", "out_ptr": "*i64", "Q": "i32", "N": "i32", "D": "i32", "K": "i32",
-                   "per_split": "i32", "stride_qm": "i32", "stride_qd": "constexpr", "stride_xn": "i32",
-                   "stride_xd": "constexpr"}
-            const = {"stride_qd": 1, "stride_xd": 1, "KP": kp, "COSINE": cosine, "EXCLUDE": exclude, "LOWER": lower,
-                     "SELECT": select, "PRECISION": precision, "UPCAST": False, "EVEN_D": even_d,
-                     "BLOCK_Q": cfg.block_q, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}
-            sig.update({n: "constexpr" for n in const})
-            divisible = ("qn_ptr", "xn_ptr", "lb_ptr", "excl_ptr", "out_ptr", "per_split")
-            divisible += ("q_ptr", "x_ptr", "stride_qm", "stride_xn", "D") if aligned else ()
-            label = (f"knn {tag} k{k}" + (" later-pass" if lower else "") + (" cosine exclude" if cosine else "")
-                     + ("" if aligned else " unaligned") + ("" if even_d or not aligned else " ragged-D")
-                     + ("" if select else " distances-only"))
-            specs.append(KernelSpec(label, _knn_kernel, sig, const, num_warps=cfg.num_warps,
-                                    num_stages=cfg.num_stages, divisible=divisible,
-                                    facts={"kernel": "knn", "dtype": name, "precision": precision or name, "k": k,
-                                           "kp": kp, "metric": "cosine" if cosine else "l2", "exclude": exclude,
-                                           "later_pass": lower, "select": select, "even_d": even_d,
-                                           "aligned": aligned, "tensor_cores": precision != "ieee",
-                                           "tile": [cfg.block_q, cfg.block_n, cfg.block_d]}))
+    kinds = [("fp32", "ieee"), ("fp32", "tf32"), ("bf16", None), ("fp16", None)]
+    for arch in ARCHS:
+        for name, precision in kinds:
+            for kp in (16, 32, 64):
+                for aligned in (True, False):
+                    group = candidates(arch, _SPEC_DTYPES[name], precision, kp, aligned)
+                    for cfg in group:
+                        specs += [knn_spec(arch, name, precision, kp, aligned, cfg, f) for f in ("plain", "full")]
+                    if kp == 32 and aligned:
+                        specs.append(knn_spec(arch, name, precision, kp, aligned, group[0], "distances"))
     for name in ("fp32", "bf16", "fp16"):
         for cosine in (False, True):
             block_r, block_d, warps = _NORMS_GPU

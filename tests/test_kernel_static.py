@@ -1,9 +1,11 @@
-"""What every shipped Triton kernel configuration must keep, checked on the compiled sm_90 code without a GPU.
+"""What every shipped Triton kernel configuration must keep, checked on the compiled code without a GPU.
 
 Every configuration a launcher can pick (each kernel file's `compile_specs()`) is compiled for sm_90a on
 this machine by bench/kernel_report.py (in a subprocess without TRITON_INTERPRET: Triton's own ptxas, no
-driver) and read back from the ptxas log, the PTX and the SASS. The same code prints the report table, so a
-failing check here is a row of `python bench/kernel_report.py`. Skipped only when Triton cannot compile for
+driver) and read back from the ptxas log, the PTX and the SASS. The KNN, whose tables depend on the GPU's
+architecture, is also compiled for sm_80 (its sm_80 table: CMake targets sm_80 too): no spills, registers and
+shared memory for two blocks per SM there as well. The same code prints the report table, so a failing check
+here is a row of `python bench/kernel_report.py [--arch 80]`. Skipped only when Triton cannot compile for
 CUDA here at all (no nvidia backend or no ptxas).
 """
 
@@ -19,6 +21,8 @@ from bench import kernel_report as kr
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = 90
+ARCHS = (90, 80)   # sm_80: the modules whose tables depend on the architecture (ARCH_MODULES) only
+ARCH_MODULES = ["kernels.knn"]
 FLOAT_ELEMS = {"f32", "bf16", "f16"}
 
 # Registers per thread, per kernel. The bound is an occupancy requirement (kr.occupancy: 65536 registers
@@ -39,15 +43,20 @@ FLOAT_ELEMS = {"f32", "bf16", "f16"}
 # SM leaves the tensor cores idle during every merge. So: registers that let two blocks share an SM,
 # <= 128 at 8 warps (<= 255 at 4 warps, where registers cannot stop it), and shared memory for two
 # (checked with the registers through kr.occupancy).
+# knn, the cap: every launch sets ptxas's register cap (kernels.knn.MAXNREG = 240; without one ptxas sometimes
+# spills to reach 3 or 4 blocks per SM), 15 below the hardware's 255: headroom for a compiler that needs a few
+# more registers (raise the cap) before any configuration has to change.
 SGD_ALIGNED_MAX_REGS = 64
 SGD_UNALIGNED_MAX_REGS = 128
 KNN_MIN_BLOCKS_PER_SM = 2
+KNN_REG_CAP = 240
 
 
 def knn_max_regs(num_warps: int) -> int:
-    """The most registers per thread that still let KNN_MIN_BLOCKS_PER_SM blocks of num_warps share an SM."""
-    return max([r for r in range(1, 256) if kr.occupancy(r, num_warps, 0)[0] >= KNN_MIN_BLOCKS_PER_SM * num_warps],
-               default=0)
+    """The most registers per thread that still let KNN_MIN_BLOCKS_PER_SM blocks of num_warps share an SM, within
+    the launches' register cap."""
+    return max([r for r in range(1, KNN_REG_CAP + 1)
+                if kr.occupancy(r, num_warps, 0)[0] >= KNN_MIN_BLOCKS_PER_SM * num_warps], default=0)
 
 
 def _no_cuda_compiler() -> str | None:
@@ -69,6 +78,20 @@ def report() -> dict:
     if reason:
         pytest.skip(reason)
     return kr.collect(arch=ARCH)
+
+
+@pytest.fixture(scope="module")
+def report_sm80() -> dict:
+    reason = _no_cuda_compiler()
+    if reason:
+        pytest.skip(reason)
+    return kr.collect(modules=ARCH_MODULES, arch=80)
+
+
+@pytest.fixture(params=ARCHS, ids=lambda a: f"sm_{a}")
+def any_report(request) -> dict:
+    """The sm_90 report (every module), then the sm_80 one (ARCH_MODULES)."""
+    return request.getfixturevalue("report" if request.param == 90 else "report_sm80")
 
 
 def _rows(report, module=None, **facts):
@@ -95,32 +118,37 @@ def test_every_kernel_module_exposes_compile_specs():
     assert not missing, f"kernel files without compile_specs(): {missing}"
 
 
-def test_every_kernel_has_a_spec_and_compiles(report):
+def test_every_kernel_has_a_spec_and_compiles(any_report):
+    report = any_report
     assert not report["errors"], report["errors"]
     with_kernels = {m for m, p in kr.kernel_modules(ROOT).items() if kr.triton_functions(p)[1]}
+    if report["env"]["arch"] != ARCH:
+        with_kernels &= set(ARCH_MODULES)
     assert with_kernels <= set(report["kernels"]), f"not reported: {sorted(with_kernels - set(report['kernels']))}"
     uncovered = {m: sorted(set(ks) - {r["kernel"] for r in report["rows"] if r["module"] == m})
                  for m, ks in report["kernels"].items()}
     assert not any(uncovered.values()), f"@triton.jit kernels that no spec compiles: {uncovered}"
     failed = [f"{_name(r)}: {r['error']}" for r in report["rows"] if "error" in r]
-    assert not failed, "configurations that do not compile for sm_90:\n" + "\n".join(failed)
+    assert not failed, f"configurations that do not compile for sm_{report['env']['arch']}:\n" + "\n".join(failed)
+    targets = {r["target"] for r in report["rows"] if "error" not in r and r["module"] != "kernels.cuda"}
+    assert targets == {"sm_90a" if report["env"]["arch"] == 90 else f"sm_{report['env']['arch']}"}, targets
 
 
 # -- what every configuration keeps ------------------------------------------------------------------
 
-def test_no_spills(report):
-    rows = [r for r in report["rows"] if "error" not in r]
+def test_no_spills(any_report):
+    rows = [r for r in any_report["rows"] if "error" not in r]
     assert rows
     bad = [f"{_name(r)}: {r['regs']} regs, spill stores {r['spill_st']} B, spill loads {r['spill_ld']} B"
            for r in rows if r["spill_st"] != 0 or r["spill_ld"] != 0]
     assert not bad, "register spills (or no ptxas log to tell):\n" + "\n".join(bad)
 
 
-def test_one_block_fits_an_sm(report):
+def test_one_block_fits_an_sm(any_report):
     """Registers and shared memory of every configuration allow at least one block per SM (else the launch
     fails with 'out of resources')."""
     bad = [f"{_name(r)}: {r['num_warps']} warps, {r['regs']} regs, {r['shared']} B shared -> {r['warps_sm']} warps/SM"
-           for r in report["rows"] if "error" not in r and not (isinstance(r["warps_sm"], int)
+           for r in any_report["rows"] if "error" not in r and not (isinstance(r["warps_sm"], int)
                                                                  and r["warps_sm"] >= r["num_warps"])]
     assert not bad, "\n".join(bad)
 
@@ -133,8 +161,8 @@ def _reg_bound(r) -> int | None:
     return None
 
 
-def test_registers_within_occupancy_bounds(report):
-    rows = [r for r in report["rows"] if "error" not in r and _reg_bound(r) is not None]
+def test_registers_within_occupancy_bounds(any_report):
+    rows = [r for r in any_report["rows"] if "error" not in r and _reg_bound(r) is not None]
     assert rows
     bad = [f"{_name(r)}: {r['regs']} regs > {_reg_bound(r)} ({r['warps_regs']} warps/SM by registers)"
            for r in rows if not (isinstance(r["regs"], int) and r["regs"] <= _reg_bound(r))]
@@ -185,14 +213,28 @@ def test_knn_wgmma_not_serialized(report):
     assert not bad, "\n".join(bad)
 
 
-def test_knn_two_blocks_share_an_sm(report):
-    """Registers and shared memory together (see KNN_MIN_BLOCKS_PER_SM above)."""
-    rows = [r for r in _rows(report, "kernels.knn") if "error" not in r]
+def test_knn_two_blocks_share_an_sm(any_report):
+    """Registers and shared memory together (see KNN_MIN_BLOCKS_PER_SM above; sm_80 has less shared memory)."""
+    rows = [r for r in _rows(any_report, "kernels.knn") if "error" not in r]
     assert rows
     bad = [f"{_name(r)}: {r['num_warps']} warps, {r['regs']} regs, {r['shared']} B shared -> {r['warps_sm']} warps/SM"
            for r in rows if not (isinstance(r["warps_sm"], int)
                                  and r["warps_sm"] >= KNN_MIN_BLOCKS_PER_SM * r["num_warps"])]
     assert not bad, "\n".join(bad)
+
+
+def test_knn_covers_both_architectures(any_report):
+    """The report of each architecture holds the KNN table of that architecture, every flavour of it, and only
+    that one (a spec made for sm_80 is never judged as sm_90 code, nor the other way round)."""
+    arch = any_report["env"]["arch"]
+    rows = [r for r in _rows(any_report, "kernels.knn", kernel="knn") if "error" not in r]
+    assert rows and {r["facts"]["arch"] for r in rows} == {arch}
+    assert {r["facts"]["flavour"] for r in rows} == {"plain", "full", "distances"}
+    assert {r["facts"]["dtype"] for r in rows} == {"fp32", "bf16", "fp16"}
+    assert any(r["facts"]["default"] for r in rows) and any(not r["facts"]["default"] for r in rows)
+    from kernels.knn import MAXNREG
+
+    assert MAXNREG == KNN_REG_CAP
 
 
 # -- the report's own reading of the compiler output ---------------------------------------------------
@@ -253,4 +295,7 @@ def test_occupancy_formula():
     assert kr.occupancy(255, 8, 0) == (8, 8)
     assert kr.occupancy(32, 4, 100_000) == (64, 8)  # 101,120 B a block with the reserved 1 KiB: 2 blocks
     assert kr.occupancy(32, 4, 240_000) == (64, 0)  # over the 227 KiB a block may have
-    assert knn_max_regs(8) == 128 and knn_max_regs(4) == 255
+    assert kr.occupancy(32, 4, 100_000, arch=80) == (64, 4)   # sm_80: 164 KiB per SM, one such block
+    assert kr.occupancy(32, 4, 170_000, arch=80) == (64, 0)   # over the 163 KiB a block may have on sm_80
+    assert kr.arch_of_target("sm_90a") == 90 and kr.arch_of_target("sm_80") == 80
+    assert knn_max_regs(8) == 128 and knn_max_regs(4) == KNN_REG_CAP == 240

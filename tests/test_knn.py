@@ -1,12 +1,22 @@
-"""kernels.knn against the brute-force reference: odd shapes, dtypes, ties, self-exclusion, memory, voting."""
+"""kernels.knn against the brute-force reference: odd shapes, dtypes, ties, self-exclusion, memory, voting,
+64-bit addressing, the configuration tables and their autotuner."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import kernels.knn as knn
 from kernels.knn import MAX_K, default_splits, empty_topk, knn_predict, knn_topk, merge_topk, vote
 from kernels.reference import knn_topk_ref
 
+ROOT = Path(__file__).resolve().parent.parent
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}  # of distances, on top of 2x torch's error
 
@@ -20,13 +30,29 @@ def true_dist(queries, support, idx, metric):
     return (x - q[:, None, :]).pow(2).sum(2).sqrt()
 
 
+def torch_fp32_error(queries, support, metric, ref_d, ref_i) -> float:
+    """PyTorch's own fp32 error on the oracle's neighbours: torch.cdist (l2; the |q|^2 - 2 q.x + |x|^2 product
+    form above 25 rows, like the kernel) or a normalized matrix product (cosine), against the fp64 oracle's
+    distances. The tolerance's scale: the rounding of fp32 arithmetic on these inputs, from code that is not
+    under test (a bug in the project's own fallback must not loosen the check on the kernel)."""
+    q, x = queries.float(), support.float()
+    if metric == "cosine":
+        d = 1 - F.normalize(q, dim=1, eps=1e-8) @ F.normalize(x, dim=1, eps=1e-8).T
+    else:
+        d = torch.cdist(q, x)
+    got = d.gather(1, ref_i.clamp(min=0).to(d.device)).cpu()
+    ok = (ref_i >= 0).cpu() & torch.isfinite(ref_d).cpu()
+    return torch.where(ok, (got - ref_d.cpu()).abs(), 0).max().item()
+
+
 def check_against_reference(queries, support, k, metric="l2", exclude=None, **kw):
     dist, idx = knn_topk(queries, support, k, metric, exclude, **kw)
     ref_d, ref_i = knn_topk_ref(queries, support, k, metric, exclude)               # fp64
-    torch_d, _ = knn_topk(queries, support, k, metric, exclude, pad=exclude is not None, backend="torch")  # fp32
     assert dist.shape == idx.shape == (queries.shape[0], k)
     assert dist.dtype == torch.float32 and idx.dtype == torch.int64
-    tol = 2 * (torch_d - ref_d).abs().max().item() + ATOL[queries.dtype] * (1 + ref_d.abs().max().item())
+    finite = ref_d[torch.isfinite(ref_d)]
+    tol = 2 * torch_fp32_error(queries, support, metric, ref_d, ref_i) + \
+        ATOL[queries.dtype] * (1 + (finite.abs().max().item() if finite.numel() else 0))
     assert (dist - ref_d).abs().max().item() <= tol
     # every returned index really is at the distance of its rank (near-ties may swap, nothing else)
     assert (true_dist(queries, support, idx, metric) - ref_d.double()).abs().max().item() <= tol
@@ -319,35 +345,243 @@ def test_distance_pass_is_the_nearest_distance():
 
 
 def test_compile_specs_cover_the_launcher_table():
-    """Every (dtype, precision, list bucket, alignment) the GPU launcher can pick has a spec with its tile,
-    warps and stages; labels are unique; 16-bit and TF32 configurations promise tensor cores."""
-    from kernels.knn import K_PER_PASS, compile_specs, list_slots, pick_config
+    """Every configuration the GPU launcher can run, per architecture (sm_90, sm_80), dtype, precision, list
+    bucket and alignment (every autotune candidate, the default first), has a spec for that architecture in its
+    "plain" and its "full" flavour, with its tile, warps, stages and register cap; labels are unique; 16-bit and
+    TF32 configurations promise tensor cores, and on sm_90 all of them use the 64-row wgmma tile."""
+    from kernels.knn import ARCHS, K_PER_PASS, MAXNREG, candidates, compile_specs, list_slots
 
     specs = compile_specs()
     labels = [s.label for s in specs]
     assert len(labels) == len(set(labels))
-    knn = [s for s in specs if s.facts["kernel"] == "knn"]
-    picked = {(s.facts["dtype"], s.facts["precision"], s.facts["kp"], s.facts["aligned"]):
-              (s.constexprs["BLOCK_Q"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_D"], s.num_warps, s.num_stages)
-              for s in knn}
-    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-        for precision in (("ieee", "tf32") if dtype == torch.float32 else (None,)):
-            for kp in sorted({list_slots(k) for k in range(1, MAX_K + 1)}):
-                for aligned in (True, False):
-                    cfg = pick_config(dtype, precision, kp, aligned)
-                    key = (name, precision or name, kp, aligned)
-                    if key in picked:
-                        assert picked[key] == (cfg.block_q, cfg.block_n, cfg.block_d, cfg.num_warps,
-                                               cfg.num_stages), key
-                    assert any(k[:2] == key[:2] and k[3] == aligned and
-                               picked[k] == (cfg.block_q, cfg.block_n, cfg.block_d, cfg.num_warps, cfg.num_stages)
-                               for k in picked), f"no spec compiles the tile the launcher picks for {key}"
+    knn_specs = [s for s in specs if s.facts["kernel"] == "knn"]
+    have = {}
+    for s in knn_specs:
+        f = s.facts
+        have.setdefault((s.arch, f["dtype"], f["precision"], f["kp"], f["aligned"]), set()).add(
+            (s.constexprs["BLOCK_Q"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_D"], s.num_warps, s.num_stages,
+             f["flavour"]))
+        assert s.arch in ARCHS and s.maxnreg == MAXNREG <= 240
+    assert set(ARCHS) == {90, 80}
+    for arch in ARCHS:
+        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            for precision in (("ieee", "tf32") if dtype == torch.float32 else (None,)):
+                for kp in sorted({list_slots(k) for k in range(1, MAX_K + 1)}):
+                    for aligned in (True, False):
+                        group = candidates(arch, dtype, precision, kp, aligned)
+                        assert 1 <= len(group) <= 3 and len(set(group)) == len(group)
+                        got = have.get((arch, name, precision or name, kp, aligned), set())
+                        for c in group:
+                            for flavour in ("plain", "full"):
+                                assert (c.block_q, c.block_n, c.block_d, c.num_warps, c.num_stages, flavour) in got, \
+                                    f"no sm_{arch} spec compiles {c} ({flavour}) for {name} {precision} kp{kp} " \
+                                    f"aligned={aligned}"
     assert max(list_slots(k) for k in range(1, MAX_K + 1)) == K_PER_PASS
-    assert any(s.constexprs["LOWER"] for s in knn) and any(not s.constexprs["SELECT"] for s in knn)
-    for s in knn:
+    assert any(s.constexprs["LOWER"] for s in knn_specs) and any(not s.constexprs["SELECT"] for s in knn_specs)
+    for s in knn_specs:
         assert s.facts["tensor_cores"] == (s.facts["precision"] != "ieee")
-        assert s.constexprs["BLOCK_Q"] >= 64 or not s.facts["tensor_cores"]          # wgmma needs M >= 64
-    assert {s.facts["dtype"] for s in specs if s.facts["kernel"] == "norms"} == {"fp32", "bf16", "fp16"}
+        if s.arch == 90 and s.facts["tensor_cores"]:
+            assert s.constexprs["BLOCK_Q"] == 64 and s.num_warps == 4                   # one warpgroup: wgmma
+
+
+def test_configuration_is_keyed_on_arch_dtype_k_and_d():
+    """pick_config: the table's default per (architecture, dtype, precision, list slots of k, alignment), or the
+    autotuner's winner for that key and that class of D; the interpreter has its own small tiles."""
+    from kernels.knn import Config, candidates, d_class, pick_config
+
+    bf16 = torch.bfloat16
+    assert pick_config(90, bf16, None, 30, 2048) == candidates(90, bf16, None, 32)[0] == Config(64, 128, 64, 4, 3)
+    assert pick_config(90, bf16, None, 64, 2048) == Config(64, 64, 64, 4, 3)           # KP = 64: narrower tiles
+    assert pick_config(80, bf16, None, 30, 2048) != pick_config(90, bf16, None, 30, 2048)  # no wgmma on sm_80
+    assert pick_config(90, torch.float32, "ieee", 30, 2048) != pick_config(90, torch.float32, "tf32", 30, 2048)
+    assert pick_config(None, bf16, None, 30, 2048) == knn._INTERPRETER
+    assert knn.arch_of(torch.device("cpu")) is None
+    assert [d_class(d) for d in (1, 16, 17, 256, 2065, 10**6)] == [16, 16, 32, 256, 4096, 32768]
+    winner = candidates(90, bf16, None, 32)[1]
+    try:
+        knn._WINNERS[knn._tune_key(90, bf16, None, 32, 2048, True)] = winner
+        assert pick_config(90, bf16, None, 30, 2048) == winner
+        assert pick_config(90, bf16, None, 30, 1500) == winner                        # the same class of D
+        assert pick_config(90, bf16, None, 30, 256) == candidates(90, bf16, None, 32)[0]  # another: not tuned yet
+        assert pick_config(90, bf16, None, 30, 2048, aligned=False) == candidates(90, bf16, None, 32, False)[0]
+    finally:
+        knn._WINNERS.clear()
+
+
+@pytest.fixture
+def fresh_tuner():
+    """The autotuner's and the launcher's caches, empty before and after the test."""
+    knn._knn_tuned.cache.clear()
+    knn._WINNERS.clear()
+    yield knn._knn_tuned
+    knn._knn_tuned.cache.clear()
+    knn._WINNERS.clear()
+
+
+def test_no_autotuning_under_the_interpreter(fresh_tuner, monkeypatch):
+    """Interpreter runs never time anything: one small fixed configuration, deterministic and fast."""
+    def no_bench(fn, quantiles):
+        raise AssertionError("the autotuner timed a configuration under the interpreter")
+
+    monkeypatch.setattr(knn, "_bench", no_bench)
+    g = torch.Generator().manual_seed(21)
+    queries, support = torch.randn(9, 20, generator=g), torch.randn(70, 20, generator=g)
+    assert knn._interpreted() and not knn._tuning(queries.device)
+    check_against_reference(queries, support, 5, splits=2)
+    assert not knn._WINNERS and not fresh_tuner.cache
+
+
+def test_autotuner_times_each_shape_class_once_and_every_candidate_agrees(fresh_tuner, monkeypatch):
+    """The GPU's tuning path, run by the interpreter with a fake timer: each new key (here a new class of D)
+    times every candidate once, the winner is cached (no timing on the next call of the class) and recorded
+    for pick_config; and every candidate returns exactly the same neighbours, so the winner changes the speed
+    only. The candidates are small tiles (the GPU tables' are too slow for numpy)."""
+    from kernels.knn import Config
+
+    group = (Config(16, 32, 32, 4, 1), Config(32, 32, 16, 4, 1), Config(16, 64, 32, 4, 1))
+    timings = []
+
+    def fake_bench(fn, quantiles):  # runs the candidate once; the last one timed is the fastest
+        fn()
+        timings.append(1)
+        t = 10.0 - len(timings)
+        return [t, t, t]
+
+    real_candidates = knn.candidates
+    monkeypatch.setattr(knn, "candidates", lambda arch, *a, **kw: group if arch is None else real_candidates(
+        arch, *a, **kw))
+    monkeypatch.setattr(knn, "_bench", fake_bench)
+    g = torch.Generator().manual_seed(22)
+    support = torch.randint(-3, 4, (150, 64), generator=g).float()  # integer data: exact distances, real ties
+    queries = torch.randint(-3, 4, (21, 64), generator=g).float()
+    # column slices of [*, 64] rows: 16-aligned row strides, D = 20 and 24 (class 32) and 40 (class 64)
+    (q20, x20), (q24, x24), (q40, x40) = [(queries[:, :d], support[:, :d]) for d in (20, 24, 40)]
+    key20 = knn._tune_key(None, torch.float32, "ieee", 16, 20, True)
+    assert knn._aligned(q20) and knn._aligned(x20)
+    ref = knn_topk_ref(q20, x20, 7)
+
+    monkeypatch.setattr(knn, "_tuning", lambda device: False)
+    fixed = []
+    for cfg in group:  # each candidate on its own (as the recorded winner): the same neighbours, bit for bit
+        knn._WINNERS[key20] = cfg
+        assert knn.pick_config(None, torch.float32, "ieee", 7, 20) == cfg
+        fixed.append(knn_topk(q20, x20, 7, splits=2))
+        assert torch.equal(fixed[-1][1], ref[1]) and torch.equal(fixed[-1][0], fixed[0][0]), cfg
+    knn._WINNERS.clear()
+
+    monkeypatch.setattr(knn, "_tuning", lambda device: True)
+    out = knn_topk(q20, x20, 7, splits=2)
+    assert len(timings) == len(group)
+    assert knn._WINNERS == {key20: group[-1]}
+    assert torch.equal(out[0], fixed[0][0]) and torch.equal(out[1], fixed[0][1])
+    knn_topk(q24, x24, 7)                                               # D = 24: the same class, no timing
+    assert len(timings) == len(group)
+    d40 = knn_topk(q40, x40, 7)                                         # D = 40: a new class, timed again
+    assert len(timings) == 2 * len(group) and len(knn._WINNERS) == 2
+    assert torch.equal(d40[1], knn_topk_ref(q40, x40, 7)[1])
+
+
+def test_tolerance_does_not_come_from_the_code_under_test(monkeypatch):
+    """check_against_reference scales its tolerance by PyTorch's own fp32 error against the fp64 oracle: a
+    fallback (backend "torch") that is 1.0 off must not make a kernel 0.01 off pass. (It once scaled by the
+    fallback's error: both passed.)"""
+    real = knn_topk
+
+    def broken(*args, backend="auto", **kw):
+        d, i = real(*args, backend=backend, **kw)
+        return (d + 1.0 if backend == "torch" else d + 0.01), i
+
+    monkeypatch.setitem(globals(), "knn_topk", broken)
+    g = torch.Generator().manual_seed(23)
+    queries, support = torch.randn(30, 16, generator=g), torch.randn(120, 16, generator=g)
+    with pytest.raises(AssertionError):
+        check_against_reference(queries, support, 5)
+    monkeypatch.setitem(globals(), "knn_topk", real)
+    check_against_reference(queries, support, 5)
+
+
+# -- 64-bit addressing, limits ------------------------------------------------------------------------
+
+_STRIDED = textwrap.dedent("""
+    import sys, tempfile, torch
+    from kernels.knn import knn_topk
+    from kernels.reference import knn_topk_ref
+    S = 2**27 - 1                  # elements between features: offset d * S passes 2^31 at d = 17
+    Q, N, D = 5, 40, 40            # and a D step of 32 columns (the interpreter's BLOCK_D) at the first one
+    numel = (D - 1) * S + Q + N    # 5.2e9 elements: a sparse file, of which only the touched pages exist
+    with tempfile.NamedTemporaryFile(dir=sys.argv[1]) as f:
+        f.truncate(numel * 2)
+        base = torch.from_file(f.name, shared=True, size=numel, dtype=torch.bfloat16)
+        support = base.as_strided((N, D), (1, S), 0)       # column-major views: stride 1 along the rows
+        queries = base.as_strided((Q, D), (1, S), N)
+        g = torch.Generator().manual_seed(0)
+        support.copy_(torch.randn(N, D, generator=g).to(torch.bfloat16))
+        queries.copy_(torch.randn(Q, D, generator=g).to(torch.bfloat16))
+        for metric in ("l2", "cosine"):
+            dist, idx = knn_topk(queries, support, 7, metric, splits=2)
+            ref_d, ref_i = knn_topk_ref(queries, support, 7, metric)
+            assert torch.equal(idx, ref_i), (metric, idx, ref_i)
+            assert (dist - ref_d).abs().max().item() < 1e-3, metric
+    print("ok")
+""")
+
+
+def test_strided_views_whose_offsets_pass_2_31_elements(tmp_path):
+    """Column-major queries and support (feats.T) whose element offsets pass 2^31 (d * stride along D, and the
+    D step) over a sparse file: a few MB of memory. The kernels once formed these offsets in int32, wrapped
+    and read far outside the tensors (a segfault under the interpreter: hence a subprocess)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    try:
+        with open(tmp_path / "probe", "wb") as f:
+            f.truncate(12 * 2**30)
+    except OSError as e:
+        pytest.skip(f"no sparse 12 GiB file here: {e}")
+    r = subprocess.run([sys.executable, "-c", _STRIDED, str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+
+
+def _no_launch(*args, **kwargs):
+    raise AssertionError("launched a kernel")
+
+
+@pytest.mark.parametrize("which", ["support", "queries"])
+def test_rows_past_the_int32_limit_are_refused(which, monkeypatch):
+    """Row and column indices are int32 in the kernel (n0 + a tile's columns, too): inputs of more than
+    MAX_ROWS = 2^31 - 4096 rows are refused with one line, before any launch (expanded views: no memory)."""
+    from kernels.knn import MAX_ROWS
+
+    monkeypatch.setattr(knn, "_norms", _no_launch)
+    monkeypatch.setattr(knn, "_stage1", _no_launch)
+    big = torch.zeros(1, 4).expand(2**31 - 1, 4)
+    small = torch.zeros(3, 4)
+    queries, support = (small, big) if which == "support" else (big, small)
+    with pytest.raises(ValueError, match=f"2147483647 {'support points' if which == 'support' else 'queries'}; "
+                                         f"at most {MAX_ROWS}"):
+        knn_topk(queries, support, 1, backend="triton")
+    ok = torch.zeros(1, 4).expand(MAX_ROWS, 4)
+    monkeypatch.setattr(knn, "_norms", lambda x, cosine: torch.zeros(x.shape[0]))
+    with pytest.raises(AssertionError, match="launched"):   # MAX_ROWS itself is accepted
+        knn_topk(small, ok, 1, backend="triton")
+
+
+@pytest.mark.parametrize("splits", [0, -1, 65536, 2.5, True])
+def test_splits_outside_the_grid_limit_are_refused(splits):
+    """splits is the grid's y dimension (at most 65,535 on CUDA): refused with one line that names the value
+    and the limit (0 once divided by zero; above the limit the launch failed on the GPU only)."""
+    with pytest.raises(ValueError, match=f"splits = {splits!r}; it must be an integer between 1 and 65535"):
+        knn_topk(torch.randn(3, 4), torch.randn(10, 4), 2, splits=splits, backend="triton")
+
+
+def test_exclude_may_be_a_strided_view():
+    """The kernel reads exclude[i] at offset i: a non-contiguous exclude (a column of a [Q, 2] table) once read
+    its neighbours' entries."""
+    g = torch.Generator().manual_seed(24)
+    support = torch.randn(60, 8, generator=g)
+    own = torch.arange(60)
+    table = torch.stack([own, own.flip(0)], 1)          # exclude = table[:, 0], stride 2
+    dist, idx = check_against_reference(support, support, 4, exclude=table[:, 0], splits=2)
+    assert not (idx == own[:, None]).any()
 
 
 def test_merge_topk_over_chunks_equals_one_pass_with_ties():
@@ -367,3 +601,148 @@ def test_merge_topk_over_chunks_equals_one_pass_with_ties():
     ref_d, ref_i = knn_topk_ref(queries, support, k, exclude=own)
     assert torch.equal(best[1], ref_i)
     torch.testing.assert_close(best[0], ref_d, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["matmul", "global"])
+def test_tf32_enabled_through_the_new_torch_api(where):
+    """TF32 enabled the torch >= 2.9 way (torch.backends.cuda.matmul.fp32_precision, or the global
+    torch.backends.fp32_precision): reading the legacy allow_tf32 then raises ("mix of the legacy and new
+    APIs"), and every fp32 call of the Triton path once did. The launcher follows the new setting, as torch.mm."""
+    target = torch.backends.cuda.matmul if where == "matmul" else torch.backends
+    g = torch.Generator().manual_seed(25)
+    queries, support = torch.randn(20, 48, generator=g), torch.randn(150, 48, generator=g)
+    try:
+        target.fp32_precision = "tf32"
+        assert knn._precision(torch.float32) == "tf32"
+        check_against_reference(queries, support, 5)   # interpreter: its tf32 dot is exact
+        target.fp32_precision = "ieee"
+        assert knn._precision(torch.float32) == "ieee"
+    finally:
+        target.fp32_precision = "none"
+    assert knn._precision(torch.float32) == "ieee" and knn._precision(torch.bfloat16) is None
+
+
+# -- on a GPU: what only compiled code shows ------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_every_candidate_agrees_and_the_winner_is_cached(fresh_tuner, monkeypatch):
+    """Every candidate of this GPU's table issues the same MMAs in the same order: the same keys, bit for bit,
+    whichever the autotuner picks (its pick can differ from run to run). A tuned call records a winner from
+    the list; the next call of the key times nothing."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator().manual_seed(30)
+    cases = [(torch.bfloat16, 256, 30), (torch.bfloat16, 256, 64), (torch.bfloat16, 300, 30),  # 300: unaligned
+             (torch.float32, 256, 30)]
+    for dtype, d, k in cases:
+        queries = torch.randn(300, d, generator=g).to(dtype).cuda()
+        support = torch.randn(5000, d, generator=g).to(dtype).cuda()
+        arch, precision, kp = knn.arch_of(queries.device), knn._precision(dtype), knn.list_slots(k)
+        aligned = knn._aligned(queries) and knn._aligned(support)
+        assert aligned == (d == 256)
+        key = knn._tune_key(arch, dtype, precision, kp, d, aligned)
+        group = knn.candidates(arch, dtype, precision, kp, aligned)
+        monkeypatch.setattr(knn, "AUTOTUNE", False)
+        outs = []
+        for cfg in group:
+            knn._WINNERS[key] = cfg
+            outs.append(knn_topk(queries, support, k))
+            assert torch.equal(outs[-1][0], outs[0][0]) and torch.equal(outs[-1][1], outs[0][1]), (dtype, d, k, cfg)
+        knn._WINNERS.clear()
+        monkeypatch.setattr(knn, "AUTOTUNE", True)
+        tuned = knn_topk(queries, support, k)
+        assert knn._WINNERS[key] in group
+        assert torch.equal(tuned[0], outs[0][0]) and torch.equal(tuned[1], outs[0][1])
+        monkeypatch.setattr(knn, "_bench", lambda fn, quantiles: pytest.fail("timed a cached key again"))
+        knn_topk(queries, support, k)
+        monkeypatch.undo()
+    check_against_reference(queries[:50], support, 30)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_neither_tunes_nor_changes_results(fresh_tuner, monkeypatch):
+    """Under CUDA graph capture nothing is timed (the timing runs would be captured and replayed): a key
+    without a winner runs the table's default, and the replayed graph gives the eager results, also after new
+    values are copied into its inputs."""
+    g = torch.Generator().manual_seed(31)
+    queries = torch.randn(500, 512, generator=g).to(torch.bfloat16).cuda()
+    support = torch.randn(8000, 512, generator=g).to(torch.bfloat16).cuda()
+    monkeypatch.setattr(knn, "AUTOTUNE", False)
+    eager = knn_topk(queries, support, 30)          # compiles the default outside the capture
+    assert not knn._WINNERS
+    monkeypatch.setattr(knn, "AUTOTUNE", True)
+    monkeypatch.setattr(knn, "_bench", lambda fn, quantiles: pytest.fail("timed a configuration while capturing"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = knn_topk(queries, support, 30)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+    queries.copy_(torch.randn(500, 512, generator=g).to(torch.bfloat16))
+    graph.replay()
+    monkeypatch.setattr(knn, "AUTOTUNE", False)
+    again = knn_topk(queries, support, 30)
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], again[0]) and torch.equal(captured[1], again[1])
+    assert not knn._WINNERS
+
+
+@pytest.mark.gpu
+def test_cuda_strided_views_whose_offsets_pass_2_31_elements():
+    """Compiled code of the CPU test above: column-major views whose offsets pass 2^31 elements (10 GB of
+    device memory, uninitialised but for the rows used)."""
+    S, (Q, N, D) = 2**27 - 1, (5, 40, 40)
+    base = torch.empty((D - 1) * S + Q + N, dtype=torch.bfloat16, device="cuda")
+    try:
+        support, queries = base.as_strided((N, D), (1, S), 0), base.as_strided((Q, D), (1, S), N)
+        g = torch.Generator().manual_seed(32)
+        support.copy_(torch.randn(N, D, generator=g).to(torch.bfloat16))
+        queries.copy_(torch.randn(Q, D, generator=g).to(torch.bfloat16))
+        for metric in ("l2", "cosine"):
+            dist, idx = knn_topk(queries, support, 7, metric)
+            ref_d, ref_i = knn_topk_ref(queries, support, 7, metric)
+            assert torch.equal(idx.cpu(), ref_i.cpu()), metric
+            assert (dist.cpu() - ref_d.cpu()).abs().max().item() < 1e-3, metric
+    finally:
+        del base
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_cuda_support_of_max_rows_in_the_most_slices(monkeypatch):
+    """N = MAX_ROWS = 2^31 - 4096 support points (D = 1, 4.3 GB) in 65,535 slices: the last slices' bound
+    n_lo + per_split passed 2^31 in int32 (they then took no tile and lost the nearest points, here the last
+    three rows)."""
+    from kernels.knn import MAX_ROWS
+
+    monkeypatch.setattr(knn, "AUTOTUNE", False)
+    support = torch.zeros(MAX_ROWS, 1, dtype=torch.bfloat16, device="cuda")
+    try:
+        support[-3:] = 1
+        dist, idx = knn_topk(torch.ones(1, 1, dtype=torch.bfloat16, device="cuda"), support, 3, splits=65535)
+        assert idx.tolist() == [[MAX_ROWS - 3, MAX_ROWS - 2, MAX_ROWS - 1]] and dist.abs().max().item() == 0
+    finally:
+        del support
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_cuda_exclude_from_the_cpu():
+    """exclude on the CPU with queries on the GPU (the Triton launch once refused the host pointer)."""
+    g = torch.Generator().manual_seed(33)
+    support = torch.randn(300, 64, generator=g).cuda()
+    own = torch.arange(300)
+    check_against_reference(support, support, 5, exclude=own)
+    check_against_reference(support, support, 5, exclude=torch.stack([own, own], 1)[:, 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_inputs_on_a_gpu_other_than_the_current_one():
+    """Triton launches on the current device: inputs on cuda:1 while cuda:0 is current once ran on the wrong
+    GPU. (The H200 machine has one GPU: this runs only where there are two.)"""
+    g = torch.Generator().manual_seed(34)
+    queries = torch.randn(100, 64, generator=g).to("cuda:1")
+    support = torch.randn(2000, 64, generator=g).to("cuda:1")
+    with torch.cuda.device(0):
+        check_against_reference(queries, support, 10)
+
