@@ -4,7 +4,9 @@ setup(
     name="seal-fast",
     version="0.1.0",
     description="SEAL (Simulated annealing in EArly Layers, CVPR 2023) and its baselines on Tiny-ImageNet, fast",
-    packages=find_packages(include=["seal_fast", "seal_fast.*", "kernels", "kernels.*"]),
+    # kernels/ is installed as seal_fast.kernels (seal_fast/kernels links to it): the top-level name `kernels`
+    # belongs to another package on PyPI, and installing both would break one of them
+    packages=find_packages(include=["seal_fast", "seal_fast.*"]),
     python_requires=">=3.10",
     # lower bounds the code needs: torch.amp.GradScaler(device), torch.func, CUDA graphs with autocast
     # cache control (torch 2.4); Triton 3 (tl.dot input_precision); torchvision's ResNet of that torch

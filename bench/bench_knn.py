@@ -42,7 +42,7 @@ PEAKS = {"H100 80GB HBM3": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32":
 
 
 def peak(device_name: str, dtype: str) -> float | None:
-    from kernels.knn import _tf32_allowed  # the new torch API too (reading allow_tf32 can raise)
+    from seal_fast.kernels.knn import _tf32_allowed  # the new torch API too (reading allow_tf32 can raise)
 
     key = "tf32" if dtype == "fp32" and _tf32_allowed() else dtype
     for name, peaks in PEAKS.items():
@@ -103,8 +103,8 @@ def main() -> None:
         have_faiss = cuda
     except ImportError:
         have_faiss = False
-    import kernels.knn as knn
-    from kernels.knn import knn_distance_pass, knn_topk
+    import seal_fast.kernels.knn as knn
+    from seal_fast.kernels.knn import knn_distance_pass, knn_topk
 
     knn.AUTOTUNE = args.autotune
 

@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     # the native CUDA C++ twin (kernels/cuda/, opt-in: `make cuda` or $SEAL_FAST_CUDA_LIB), on the same table
     native_rows = (None, None)
     if cuda:
-        from kernels import cuda as native
+        from seal_fast.kernels import cuda as native
 
         try:
             native.load()

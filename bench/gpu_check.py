@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(environment_report()))
         return 0
     if args.build_native:
-        from kernels import cuda
+        from seal_fast.kernels import cuda
 
         t = time.perf_counter()
         print(f"built {cuda.build(Path(args.build_native), architectures='90')} in {time.perf_counter() - t:.1f} s")

@@ -452,7 +452,7 @@ def native_step(table: SGDTable, *, nesterov: bool = False, scaled: bool = False
 
 def _update_native(views, segments, params, bufs, hyper, scalars, found_inf, momentum, nesterov, scaled,
                    check) -> None:
-    from kernels import cuda
+    from . import cuda
 
     cuda.load()
     ops = torch.ops.seal_fast
@@ -528,7 +528,7 @@ _ALIGNED_ARGS = ("records", "hyper", "scalars", "found_inf")
 
 def compile_specs():
     """Every configuration `step` and `nonfinite_check` can launch, for kernels.compile_spec."""
-    from kernels.compile_spec import KernelSpec
+    from .compile_spec import KernelSpec
 
     specs = []
     update_sig = dict(records="*i64", hyper="*fp32", scalars="*fp32", found_inf="*fp32", DTYPE="constexpr",

@@ -22,7 +22,7 @@ def signed_sgd_ref(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: 
     """One step, in float64, without touching the inputs: (new params, new buffers, skipped), all fp64.
 
     Per parameter i (torch.optim.SGD's documented update, lr signed):
-        d = g * inv_scale (when given);  d = d + wd * p;
+        d = g * inv_scale (when given);  d = d + wd * p (only where wd != 0, as torch.optim.SGD: 0 x inf adds no NaN);
         buf = d if fresh[i] else momentum * buf + (1 - dampening) * d;   (momentum != 0 only)
         d = d + momentum * buf if nesterov else buf;  p = p - lr * d
     Loss scaling: when any g * inv_scale is NaN or infinite, the step is skipped: (params, buffers) come back
@@ -33,7 +33,7 @@ def signed_sgd_ref(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: 
     new_params, new_bufs = [], []
     for p, g, b, restart, lr, wd in zip(params, g64, bufs, fresh, lrs, wds, strict=True):
         p = p.double()
-        d = g + wd * p
+        d = g + wd * p if wd != 0 else g
         buf = None
         if momentum != 0:
             buf = d if restart else momentum * b.double() + (1 - dampening) * d

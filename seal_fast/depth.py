@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels.knn import empty_topk, knn_topk, merge_topk, vote
+from seal_fast.kernels.knn import empty_topk, knn_topk, merge_topk, vote
 
 from . import checkpoint
 from .errors import ConfigError, DataError, cli_main

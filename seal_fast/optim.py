@@ -135,7 +135,7 @@ class SignedSGD(torch.optim.Optimizer):
     @staticmethod
     def _require_native(device: torch.device) -> None:
         """The native library loads and `device` is a usable GPU; else a one-line RuntimeError."""
-        from kernels import cuda
+        from seal_fast.kernels import cuda
 
         try:
             cuda.require(device)
@@ -193,7 +193,7 @@ class SignedSGD(torch.optim.Optimizer):
         return why
 
     def _rebuild(self, momentum: float):
-        from kernels.fused_sgd import make_table, same_layout
+        from seal_fast.kernels.fused_sgd import make_table, same_layout
 
         entries = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"] if p.grad is not None]
         old = self._table
@@ -291,15 +291,15 @@ class SignedSGD(torch.optim.Optimizer):
                 t.found_inf.zero_()
         kernel = self._kernel(t.device)
         if kernel == "triton":
-            from kernels import fused_sgd
+            from seal_fast.kernels import fused_sgd
 
             fused_sgd.step(t, nesterov=nesterov, scaled=scaled, check=check)
         elif kernel == "cuda":
-            from kernels import fused_sgd
+            from seal_fast.kernels import fused_sgd
 
             fused_sgd.native_step(t, nesterov=nesterov, scaled=scaled, check=check)
         else:  # the same step in PyTorch ops (the CPU default); its lr / wd: the table's host copy, set above
-            from kernels import fused_sgd_torch
+            from seal_fast.kernels import fused_sgd_torch
 
             fused_sgd_torch.step(t, nesterov=nesterov, scaled=scaled)
         return loss

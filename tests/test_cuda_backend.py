@@ -32,7 +32,7 @@ from test_fused_sgd import (  # the same synthetic parameters, gradients and run
     two_groups,
 )
 
-from kernels import fused_sgd
+from seal_fast.kernels import fused_sgd
 from seal_fast.optim import SignedSGD
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def native_library(tmp_path_factory) -> Path:
         return Path(given)
     if not TOOLS:
         pytest.skip("cmake and nvcc are needed to build the native backend (installed on this project's machines)")
-    from kernels import cuda
+    from seal_fast.kernels import cuda
 
     return cuda.build(tmp_path_factory.mktemp("cuda-build"), architectures="90")  # as CI builds it: one arch
 
@@ -57,7 +57,7 @@ def native_library(tmp_path_factory) -> Path:
 @pytest.fixture
 def use_library(monkeypatch):
     """use_library(path or None): point kernels.cuda at a library (None: one that does not exist)."""
-    from kernels import cuda
+    from seal_fast.kernels import cuda
 
     def use(path):
         monkeypatch.setenv("SEAL_FAST_CUDA_LIB", str(path) if path else "/nonexistent/libseal_fast_cuda.so")
@@ -196,7 +196,7 @@ def test_native_step_hands_the_operator_what_it_writes(native_library):
     code = (f"import os, sys\nos.environ['TRITON_INTERPRET'] = '1'\nsys.path.insert(0, {str(ROOT)!r})\n"
             f"os.environ['SEAL_FAST_CUDA_LIB'] = {str(native_library)!r}\n"
             "import torch\n"
-            "from kernels import cuda, fused_sgd\n"
+            "from seal_fast.kernels import cuda, fused_sgd\n"
             "cuda.load()\n"
             "calls = []\n"
             "lib = torch.library.Library('seal_fast', 'IMPL')\n"
@@ -227,7 +227,7 @@ def test_native_step_hands_the_operator_what_it_writes(native_library):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message")
 def test_built_library_without_a_gpu_is_a_one_line_error(native_library, use_library):
     use_library(native_library)
-    from kernels import cuda
+    from seal_fast.kernels import cuda
 
     assert cuda.available()  # the library itself loads here
     p = torch.nn.Parameter(torch.zeros(3))
@@ -352,7 +352,7 @@ def test_native_graph_replay_with_new_hyperparameters_matches_eager(native):
 def test_native_operator_under_torch_compile_equals_eager(native):
     """torch.compile(fullgraph=True) of a function that calls the operator: the same update as calling it
     eagerly (the operator is opaque to the compiler, and the schema's mutation keeps it in the graph)."""
-    from kernels import cuda
+    from seal_fast.kernels import cuda
 
     cuda.load()
     tables = []

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from kernels.knn import vote
-from kernels.reference import knn_topk_ref
+from seal_fast.kernels.knn import vote
+from seal_fast.kernels.reference import knn_topk_ref
 from seal_fast.data import build_eval_loaders
 from seal_fast.depth import Study, plan_jobs, prediction_depth
 from seal_fast.features import load_model

@@ -360,7 +360,7 @@ def test_mixed_aligned_and_unaligned_in_one_step(device, nesterov):
 def test_table_records_and_alignment():
     """make_table: one record per chunk with the chunk's own addresses; a chunk is aligned when its three
     addresses are 16-byte aligned and its length a multiple of the vector width."""
-    from kernels.fused_sgd import (
+    from seal_fast.kernels.fused_sgd import (
         BLOCK,
         BUF,
         GRAD,
@@ -417,8 +417,8 @@ def test_table_records_and_alignment():
 def test_found_inf_skip_leaves_params_buffers_and_restart_flags_untouched(dtype, device):
     """The launcher with scaled=True and found_inf set stores nothing, aligned and unaligned; with found_inf
     clear the same step applies and clears RESTART; check=True finds an inf in an unaligned gradient."""
-    from kernels import fused_sgd
-    from kernels.fused_sgd import RESTART, make_table
+    from seal_fast.kernels import fused_sgd
+    from seal_fast.kernels.fused_sgd import RESTART, make_table
 
     params = [p.detach() for p in make_params([(2**11 + 17,), (64,)], dtype, device=device)] + \
         [p.detach() for p in odd_params([(7,)], dtype, device=device)]
@@ -558,7 +558,7 @@ def test_restart_pending_survives_a_rebuild_and_leaving_the_table():
 
 
 def test_compile_specs_cover_every_launch_configuration():
-    from kernels.fused_sgd import compile_specs
+    from seal_fast.kernels.fused_sgd import compile_specs
 
     specs = compile_specs()
     labels = [s.label for s in specs]
@@ -635,7 +635,7 @@ def test_every_step_matches_the_fp64_oracle(backend, dtype):
     step, so errors cannot accumulate unseen): a momentum reset, a sign flip, a skipped loss-scaled step (inf
     gradient: nothing changes, the restart stays pending) and nesterov. Each step's result may differ from the
     oracle by fp32 arithmetic plus one rounding to the dtype."""
-    from kernels.reference import signed_sgd_ref
+    from seal_fast.kernels.reference import signed_sgd_ref
 
     params = make_params(SHAPES_ODD, dtype=dtype, channels_last=(5, 6))
     split = 4

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_fused_sgd import grads_for, make_params  # tests/ is on sys.path
 
-from kernels import fused_sgd
+from seal_fast.kernels import fused_sgd
 from seal_fast.optim import SignedSGD
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

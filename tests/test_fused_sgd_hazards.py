@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import fused_sgd
-from kernels.fused_sgd import _narrow
+from seal_fast.kernels import fused_sgd
+from seal_fast.kernels.fused_sgd import _narrow
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -151,7 +151,7 @@ def _triton_ptx(labels: list[str]) -> dict[str, str]:
     TRITON_INTERPRET (the conftest sets it, and then @triton.jit makes interpreter functions)."""
     code = ("import json, sys\n"
             f"sys.path.insert(0, {str(ROOT)!r})\n"
-            "from kernels import fused_sgd\n"
+            "from seal_fast.kernels import fused_sgd\n"
             "want = set(json.loads(sys.argv[1]))\n"
             "out = {s.label: s.compile(90).asm['ptx'] for s in fused_sgd.compile_specs() if s.label in want}\n"
             "print(json.dumps(out))\n")
@@ -293,7 +293,7 @@ def test_tensors_that_share_memory_are_refused():
     """Every chunk is updated by its own program, all at once: two parameters (or buffers) over the same
     memory, or a gradient over a parameter, would be a race (torch.optim.SGD updates such tensors one after
     the other). make_table refuses them; disjoint views of one storage are fine."""
-    from kernels.fused_sgd import make_table
+    from seal_fast.kernels.fused_sgd import make_table
 
     flat = torch.zeros(100)
     a, b = flat[0:60], flat[40:100]  # overlap in 40..59

@@ -232,7 +232,7 @@ def test_knn_covers_both_architectures(any_report):
     assert {r["facts"]["flavour"] for r in rows} == {"plain", "full", "distances"}
     assert {r["facts"]["dtype"] for r in rows} == {"fp32", "bf16", "fp16"}
     assert any(r["facts"]["default"] for r in rows) and any(not r["facts"]["default"] for r in rows)
-    from kernels.knn import MAXNREG
+    from seal_fast.kernels.knn import MAXNREG
 
     assert MAXNREG == KNN_REG_CAP
 

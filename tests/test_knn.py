@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels.knn as knn
-from kernels.knn import MAX_K, default_splits, empty_topk, knn_predict, knn_topk, merge_topk, vote
-from kernels.reference import knn_topk_ref
+import seal_fast.kernels.knn as knn
+from seal_fast.kernels.knn import MAX_K, default_splits, empty_topk, knn_predict, knn_topk, merge_topk, vote
+from seal_fast.kernels.reference import knn_topk_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -335,7 +335,7 @@ def test_size_one_and_prime_shapes_with_large_k(dtype):
 
 def test_distance_pass_is_the_nearest_distance():
     """bench_knn's distances-only probe runs the same tiles and epilogue: its row minimum is knn_topk's first."""
-    from kernels.knn import knn_distance_pass
+    from seal_fast.kernels.knn import knn_distance_pass
 
     g = torch.Generator().manual_seed(16)
     queries, support = torch.randn(21, 37, generator=g), torch.randn(150, 37, generator=g)
@@ -349,7 +349,7 @@ def test_compile_specs_cover_the_launcher_table():
     bucket and alignment (every autotune candidate, the default first), has a spec for that architecture in its
     "plain" and its "full" flavour, with its tile, warps, stages and register cap; labels are unique; 16-bit and
     TF32 configurations promise tensor cores, and on sm_90 all of them use the 64-row wgmma tile."""
-    from kernels.knn import ARCHS, K_PER_PASS, MAXNREG, candidates, compile_specs, list_slots
+    from seal_fast.kernels.knn import ARCHS, K_PER_PASS, MAXNREG, candidates, compile_specs, list_slots
 
     specs = compile_specs()
     labels = [s.label for s in specs]
@@ -387,7 +387,7 @@ def test_compile_specs_cover_the_launcher_table():
 def test_configuration_is_keyed_on_arch_dtype_k_and_d():
     """pick_config: the table's default per (architecture, dtype, precision, list slots of k, alignment), or the
     autotuner's winner for that key and that class of D; the interpreter has its own small tiles."""
-    from kernels.knn import Config, candidates, d_class, pick_config
+    from seal_fast.kernels.knn import Config, candidates, d_class, pick_config
 
     bf16 = torch.bfloat16
     assert pick_config(90, bf16, None, 30, 2048) == candidates(90, bf16, None, 32)[0] == Config(64, 128, 64, 4, 3)
@@ -436,7 +436,7 @@ def test_autotuner_times_each_shape_class_once_and_every_candidate_agrees(fresh_
     times every candidate once, the winner is cached (no timing on the next call of the class) and recorded
     for pick_config; and every candidate returns exactly the same neighbours, so the winner changes the speed
     only. The candidates are small tiles (the GPU tables' are too slow for numpy)."""
-    from kernels.knn import Config
+    from seal_fast.kernels.knn import Config
 
     group = (Config(16, 32, 32, 4, 1), Config(32, 32, 16, 4, 1), Config(16, 64, 32, 4, 1))
     timings = []
@@ -504,8 +504,8 @@ def test_tolerance_does_not_come_from_the_code_under_test(monkeypatch):
 
 _STRIDED = textwrap.dedent("""
     import sys, tempfile, torch
-    from kernels.knn import knn_topk
-    from kernels.reference import knn_topk_ref
+    from seal_fast.kernels.knn import knn_topk
+    from seal_fast.kernels.reference import knn_topk_ref
     S = 2**27 - 1                  # elements between features: offset d * S passes 2^31 at d = 17
     Q, N, D = 5, 40, 40            # and a D step of 32 columns (the interpreter's BLOCK_D) at the first one
     numel = (D - 1) * S + Q + N    # 5.2e9 elements: a sparse file, of which only the touched pages exist
@@ -549,7 +549,7 @@ def _no_launch(*args, **kwargs):
 def test_rows_past_the_int32_limit_are_refused(which, monkeypatch):
     """Row and column indices are int32 in the kernel (n0 + a tile's columns, too): inputs of more than
     MAX_ROWS = 2^31 - 4096 rows are refused with one line, before any launch (expanded views: no memory)."""
-    from kernels.knn import MAX_ROWS
+    from seal_fast.kernels.knn import MAX_ROWS
 
     monkeypatch.setattr(knn, "_norms", _no_launch)
     monkeypatch.setattr(knn, "_stage1", _no_launch)
@@ -712,7 +712,7 @@ def test_cuda_support_of_max_rows_in_the_most_slices(monkeypatch):
     """N = MAX_ROWS = 2^31 - 4096 support points (D = 1, 4.3 GB) in 65,535 slices: the last slices' bound
     n_lo + per_split passed 2^31 in int32 (they then took no tile and lost the nearest points, here the last
     three rows)."""
-    from kernels.knn import MAX_ROWS
+    from seal_fast.kernels.knn import MAX_ROWS
 
     monkeypatch.setattr(knn, "AUTOTUNE", False)
     support = torch.zeros(MAX_ROWS, 1, dtype=torch.bfloat16, device="cuda")
