@@ -2,7 +2,7 @@
 
     python bench/bench_depth.py [--checkpoint PT] [--train 100000] [--val 10000] [--k 30] [--features pooled]
 
-Times seal_fast.depth.Study.run (forward passes for the queries and the streamed training set, the fused
+Times seal_fast.studies.depth.Study.run (forward passes for the queries and the streamed training set, the fused
 KNN per probe, votes, depths) on images held in device memory like the cache loader's (random pixels in
 the real shapes, so decoding is out of the figure and the time is the study's). Without --checkpoint the
 network has the recipe's random init: the time does not depend on the weights. Target on an H100: all
@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.utils import append_rows, environment, print_table  # noqa: E402
 from seal_fast.data.images import normalize  # noqa: E402
-from seal_fast.depth import Study  # noqa: E402
-from seal_fast.features import load_model  # noqa: E402
+from seal_fast.studies.depth import Study  # noqa: E402
+from seal_fast.studies.features import load_model  # noqa: E402
 from seal_fast.models import build_model, probe_names  # noqa: E402
 
 

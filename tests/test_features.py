@@ -1,4 +1,4 @@
-"""seal_fast.features: the studies' shared checkpoint loader, transform, streamed extraction and feature cache."""
+"""seal_fast.studies.features: the studies' shared checkpoint loader, transform, streamed extraction and feature cache."""
 
 import os
 import time
@@ -11,7 +11,7 @@ from seal_fast import checkpoint
 from seal_fast.data.folders import write_image_folder
 from seal_fast.data.images import normalize
 from seal_fast.errors import DataError
-from seal_fast.features import FeatureCache, Transform, extract, feature_layer, load_model, open_rgb
+from seal_fast.studies.features import FeatureCache, Transform, extract, feature_layer, load_model, open_rgb
 from seal_fast.models import build_model
 
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""seal_fast.fewshot: balanced, seeded episodes shared by every checkpoint, BSCD-FSL's interval, the batched per-episode
+"""seal_fast.studies.fewshot: balanced, seeded episodes shared by every checkpoint, BSCD-FSL's interval, the batched per-episode
 head, EuroSAT / CropDisease / folder layouts (generated here), the CLI end to end, bad input."""
 
 import csv
@@ -13,10 +13,10 @@ import pytest
 import torch
 from test_transfer import draw, trained_run  # the same generated images and trained run (tests/ is on sys.path)
 
-from seal_fast import fewshot
+from seal_fast.studies import fewshot
 from seal_fast.data.folders import open_fewshot, write_image_folder
 from seal_fast.errors import DataError
-from seal_fast.fewshot import ci95, episode_accuracies, sample_episodes, support_standardizer
+from seal_fast.studies.fewshot import ci95, episode_accuracies, sample_episodes, support_standardizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EUROSAT = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture"]
@@ -137,7 +137,7 @@ def run_cli(capsys, *args):
 
 def test_cli_end_to_end(run_dir, eurosat, tmp_path):
     out = tmp_path / "f"
-    cmd = [sys.executable, "-m", "seal_fast.fewshot", "--checkpoint", run_dir / "last.pt", run_dir / "best.pt",
+    cmd = [sys.executable, "-m", "seal_fast.studies.fewshot", "--checkpoint", run_dir / "last.pt", run_dir / "best.pt",
            "--dataset", "eurosat", "--root", eurosat, "--shots", "1", "5", "--queries", "4", "--episodes", "30",
            "--image-size", "32", "--workers", "0", "--cache-dir", tmp_path / "cache", "--out", out]
     res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,

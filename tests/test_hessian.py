@@ -1,4 +1,4 @@
-"""seal_fast.hessian: products vs the explicit fp64 Hessian, power iteration vs a plain one, a softmax regression
+"""seal_fast.studies.hessian: products vs the explicit fp64 Hessian, power iteration vs a plain one, a softmax regression
 and a quadratic whose Hessians are known in closed form, the sampled images, the CLI end to end and its errors."""
 
 import json
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seal_fast import checkpoint
-from seal_fast.hessian import (
+from seal_fast.studies.hessian import (
     HessianOperator,
     density_curve,
     hutchinson_trace,
@@ -230,7 +230,7 @@ def ckpts(tiny_data, tmp_path_factory):
 
 def test_cli_end_to_end(ckpts, tiny_data, tmp_path):
     out = tmp_path / "h"
-    cmd = [sys.executable, "-m", "seal_fast.hessian", "--checkpoint", *ckpts, "--samples", "4", "--batch-size", "3",
+    cmd = [sys.executable, "-m", "seal_fast.studies.hessian", "--checkpoint", *ckpts, "--samples", "4", "--batch-size", "3",
            "--top", "2", "--max-iter", "3", "--trace-max-iter", "2", "--slq-steps", "3", "--out", out]
     res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, check=False,
                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
@@ -250,7 +250,7 @@ def test_cli_end_to_end(ckpts, tiny_data, tmp_path):
         assert r["settings"]["samples"] == 4 and r["settings"]["tol"] == 1e-3 and r["settings"]["slq_runs"] == 1
     # the loss is the defined one: mean plain cross-entropy of the eval-mode model on the 4 sampled images
     from seal_fast.data.images import normalize
-    from seal_fast.features import load_model
+    from seal_fast.studies.features import load_model
 
     model, _, _ = load_model(str(ckpts[0]), torch.device("cpu"))
     images, labels, _, _ = load_samples(tiny_data, 4)
@@ -340,7 +340,7 @@ def test_cli_errors_are_one_line(ckpts, tiny_data, tmp_path, capsys, case, words
 
 
 def test_python_m_error_has_no_traceback(ckpts, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "seal_fast.hessian", "--checkpoint", str(ckpts[0]), "--data",
+    res = subprocess.run([sys.executable, "-m", "seal_fast.studies.hessian", "--checkpoint", str(ckpts[0]), "--data",
                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True,
                          text=True, check=False, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr

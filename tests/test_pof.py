@@ -1,4 +1,4 @@
-"""PoF (seal_fast/pof.py): the classifier never moves, the line search finds a known minimum, the feature update
+"""PoF (seal_fast/studies/pof.py): the classifier never moves, the line search finds a known minimum, the feature update
 goes through the classifier moved by s * xi* along -g_hat, the CLI writes a seal_fast checkpoint and resumes
 bit-identically after SIGKILL, bad input is one line."""
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import run_killing  # tests/ is on sys.path
 
-from seal_fast import checkpoint, pof, train
-from seal_fast.features import load_model
+from seal_fast import checkpoint, train
+from seal_fast.studies import pof
+from seal_fast.studies.features import load_model
 from seal_fast.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +111,7 @@ def test_sigkill_then_resume_is_bit_identical(source, tmp_path):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     assert pof.main(small(source, ref_out)) == 0
     ref = checkpoint.read(ref_out / "last.pt")
-    kills = run_killing(lambda attempt: [sys.executable, "-m", "seal_fast.pof", *small(source, out)] +
+    kills = run_killing(lambda attempt: [sys.executable, "-m", "seal_fast.studies.pof", *small(source, out)] +
                         (["--resume"] if attempt else []), out / "last.pt", attempts=10, max_pause_s=0.3, seed=0)
     st = checkpoint.read(out / "last.pt")
     assert st.next_epoch == 3

@@ -21,10 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from seal_fast import checkpoint, depth, fewshot, hessian, pof, report, sweep, train, transfer
+from seal_fast import checkpoint, train
+from seal_fast.runs import report, sweep
+from seal_fast.studies import depth, fewshot, hessian, pof, transfer
 from seal_fast.data.images import MAX_PIXELS, load_rgb
 from seal_fast.errors import DataError, UntrustedFileError, WriteError
-from seal_fast.features import FeatureCache, Transform, open_rgb
+from seal_fast.studies.features import FeatureCache, Transform, open_rgb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,7 +180,7 @@ def test_trust_flag_says_what_it_allows_in_every_command(capsys):
 
 
 def test_a_hostile_feature_cache_file_is_extracted_again_not_run(tmp_path, monkeypatch):
-    from seal_fast import features
+    from seal_fast.studies import features
 
     marker = tmp_path / "marker"
     ckpt = tmp_path / "last.pt"

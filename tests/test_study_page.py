@@ -1,4 +1,4 @@
-"""`python -m seal_fast.report --studies DIR...`: the study page. The study folders are written by the studies' own
+"""`python -m seal_fast report --studies DIR...`: the study page. The study folders are written by the studies' own
 writers (depth / transfer / fewshot / hessian .write_outputs) from hand-made results, so their format is the real
 one and no network runs."""
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from seal_fast import depth, fewshot, hessian, report, transfer
-from seal_fast.features import FeatureCache, Transform
+from seal_fast.runs import report
+from seal_fast.studies import depth, fewshot, hessian, transfer
+from seal_fast.studies.features import FeatureCache, Transform
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -228,7 +229,7 @@ def test_bad_input_is_one_line(studies, tmp_path, capsys, case, words):
 
 
 def test_python_m_error_has_no_traceback(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "seal_fast.report", "--studies", str(tmp_path / "nope")], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "seal_fast.runs.report", "--studies", str(tmp_path / "nope")], cwd=ROOT,
                          check=False, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                          timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr

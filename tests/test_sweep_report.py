@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from seal_fast import report, runtime, sweep, train
+from seal_fast import runtime, train
+from seal_fast.runs import report, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--arch", "resnet10", "--epochs", "2", "--generations", "2", "--ascent-epochs", "1", "--warmup", "1",
@@ -19,7 +20,7 @@ TRAIN = ["--arch", "resnet10", "--epochs", "2", "--generations", "2", "--ascent-
 
 
 def sweep_cmd(data, out, *extra):
-    return [sys.executable, "-m", "seal_fast.sweep", "--data", str(data), "--runs", "normal160,seal", "--seeds", "0",
+    return [sys.executable, "-m", "seal_fast.runs.sweep", "--data", str(data), "--runs", "normal160,seal", "--seeds", "0",
             "--out", str(out), "--threads-per-run", "1", *extra, *TRAIN]
 
 

@@ -1,4 +1,4 @@
-"""seal_fast.transfer: the logistic-regression head against closed-form optima, the probe's protocol, every dataset
+"""seal_fast.studies.transfer: the logistic-regression head against closed-form optima, the probe's protocol, every dataset
 layout (generated here in torchvision's and the datasets' own on-disk formats), the CLI end to end, bad input."""
 
 import csv
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from seal_fast import transfer
+from seal_fast.studies import transfer
 from seal_fast.data import folders
 from seal_fast.data.folders import open_transfer, write_image_folder
 from seal_fast.errors import DataError
-from seal_fast.transfer import fit_logreg, holdout, linear_probe, standardizer
+from seal_fast.studies.transfer import fit_logreg, holdout, linear_probe, standardizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -314,7 +314,7 @@ def run_cli(capsys, *args):
 def test_cli_end_to_end(run_dir, folder_set, tmp_path):
     out = tmp_path / "t"
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "seal_fast.transfer", "--checkpoint", run_dir / "last.pt", run_dir / "best.pt",
+    cmd = [sys.executable, "-m", "seal_fast.studies.transfer", "--checkpoint", run_dir / "last.pt", run_dir / "best.pt",
            "--dataset", "folder", "--root", folder_set, "--image-size", "32", "--l2-grid", "0.01", "1",
            "--workers", "0", "--cache-dir", cache, "--out", out]
     res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
@@ -364,7 +364,7 @@ def test_cli_reuses_cache_and_keeps_earlier_rows(run_dir, folder_set, tmp_path, 
 
 
 def test_cli_bad_input_is_one_line(run_dir, folder_set, tmp_path, capsys):
-    from seal_fast.features import load_model  # noqa: F401  (imported once, before timing-sensitive calls)
+    from seal_fast.studies.features import load_model  # noqa: F401  (imported once, before timing-sensitive calls)
 
     wrong = tmp_path / "wrong.pt"
     blob = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)

@@ -1,6 +1,6 @@
 """The dataset layouts the transfer and few-shot studies read, each turned into `Split`s (files, labels, classes).
 
-Transfer (`python -m seal_fast.transfer --dataset NAME --root DIR`), splits "train", "test" and, where the
+Transfer (`python -m seal_fast transfer --dataset NAME --root DIR`), splits "train", "test" and, where the
 dataset has one, "val":
   flowers102      torchvision.datasets.Flowers102 (official train / val / test; md5-checked .mat files, read with
                   scipy):  DIR/flowers-102/jpg/image_00001.jpg ..., imagelabels.mat, setid.mat
@@ -13,7 +13,7 @@ dataset has one, "val":
   stanford-dogs   Stanford Dogs as distributed (official train / test lists, read with scipy; no val):
                   DIR/Images/<synset-breed>/*.jpg, DIR/train_list.mat, DIR/test_list.mat (or under DIR/lists/)
   folder          an ImageFolder layout: DIR/train/<class>/*, DIR/test/<class>/*, optional DIR/val/<class>/*
-Few-shot (`python -m seal_fast.fewshot`), one split "all" from which episodes are drawn:
+Few-shot (`python -m seal_fast fewshot`), one split "all" from which episodes are drawn:
   eurosat         torchvision.datasets.EuroSAT (RGB):  DIR/eurosat/2750/<class>/*.jpg (or, read the same way,
                   DIR/2750/<class>/*.jpg: BSCD-FSL's EuroSAT/2750)
   cropdisease     BSCD-FSL's CropDisease (PlantVillage):  DIR/dataset/train/<class>/* (or DIR/<class>/*)

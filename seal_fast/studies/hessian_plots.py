@@ -1,4 +1,4 @@
-"""spectrum.png of `python -m seal_fast.hessian`: the Hessian eigenvalue density of each checkpoint."""
+"""spectrum.png of `python -m seal_fast hessian`: the Hessian eigenvalue density of each checkpoint."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def plot_spectrum(rows: list[dict], path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     from .hessian import density_curve
-    from .plots import _save
+    from ..plots import _save
 
     linthresh = _linthresh(rows)
     fig, ax = plt.subplots(figsize=(8, 4.8))

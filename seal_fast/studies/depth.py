@@ -1,4 +1,4 @@
-"""`python -m seal_fast.depth`: KNN probes after every ResNet block and each sample's prediction depth.
+"""`python -m seal_fast depth`: KNN probes after every ResNet block and each sample's prediction depth.
 
 Probes (Baldock et al. 2021, as the SEAL paper uses them): k-NN classifiers (k = 30) fitted on the
 training set's embeddings after the input, the stem and every residual block ("block.X.Y" = output of
@@ -34,12 +34,12 @@ from tqdm import tqdm
 
 from seal_fast.kernels.knn import empty_topk, knn_topk, merge_topk, vote
 
-from . import checkpoint
-from .errors import ConfigError, DataError, cli_main
+from .. import checkpoint
+from ..errors import ConfigError, DataError, cli_main
 from .features import load_model
-from .models import forward_probes, probe_names
-from .precision import amp_dtype
-from .runtime import default_workers, free_memory, make_out_folder, pick_device
+from ..models import forward_probes, probe_names
+from ..precision import amp_dtype
+from ..runtime import default_workers, free_memory, make_out_folder, pick_device
 
 # ----------------------------------------------------------------------------------------------
 # Probes on the model
@@ -262,7 +262,7 @@ def summary(r: Result, k: int, split: str, features: str) -> dict:
 
 
 def write_outputs(out: Path, results: list[Result], args) -> list[Path]:
-    from .plots import plot_depth_histogram, plot_probe_accuracy
+    from ..plots import plot_depth_histogram, plot_probe_accuracy
 
     rows = [summary(r, args.k, args.split, args.features) for r in results]
     tmp = out / ".depth.json.tmp"
@@ -293,7 +293,7 @@ def write_outputs(out: Path, results: list[Result], args) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m seal_fast.depth",
+    p = argparse.ArgumentParser(prog="python -m seal_fast depth",
                                 description="Per-layer KNN-probe accuracy and prediction depth of trained checkpoints.")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="PT",
                    help="one or more last.pt / best.pt files (one line each in the plot)")
@@ -349,11 +349,11 @@ def run(argv: list[str] | None = None) -> int:
               for p in args.checkpoint]
     root = args.data or models[0][1].get("data")
     if root is None:
-        from .data.synthetic import ensure_synthetic
+        from ..data.synthetic import ensure_synthetic
 
         root = str(ensure_synthetic()[0])
         say(f"no --data given and the checkpoint trained on the built-in synthetic set: probing it ({root})")
-    from .data import build_eval_loaders
+    from ..data import build_eval_loaders
 
     workers = default_workers(args.workers)
     loaders = build_eval_loaders(root, args.batch_size, workers, device, channels_last=device.type == "cuda",

@@ -1,11 +1,11 @@
-"""`python -m seal_fast.report --studies DIR...`: the whole study of a set of checkpoints on one markdown page.
+"""`python -m seal_fast report --studies DIR...`: the whole study of a set of checkpoints on one markdown page.
 
 DIR is the --out folder of any of the studies (a folder may hold several of their JSON files), or a folder
 holding such folders:
-  depth.json     python -m seal_fast.depth     per-layer KNN-probe accuracy, prediction depth
-  transfer.json  python -m seal_fast.transfer  linear-probe top-1 on other datasets
-  fewshot.json   python -m seal_fast.fewshot   few-shot accuracy +- 95% interval
-  hessian.json   python -m seal_fast.hessian   top Hessian eigenvalue, trace, eigenvalue density
+  depth.json     python -m seal_fast depth     per-layer KNN-probe accuracy, prediction depth
+  transfer.json  python -m seal_fast transfer  linear-probe top-1 on other datasets
+  fewshot.json   python -m seal_fast fewshot   few-shot accuracy +- 95% interval
+  hessian.json   python -m seal_fast hessian   top Hessian eigenvalue, trace, eigenvalue density
 Checkpoints are matched across the studies by their path (the studies write it absolute or as given on their
 command line; a relative one is matched to the absolute path it ends with, else taken from the current folder).
 Writes study.md into --out: the checkpoints side by side (an overview, then one section per study; a study
@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 FILES = {"depth": "depth.json", "transfer": "transfer.json", "fewshot": "fewshot.json", "hessian": "hessian.json"}
 TITLES = {"depth": "Per-layer k-NN probe accuracy (%) and prediction depth",
@@ -84,7 +84,7 @@ def find_sources(folders: list[str]) -> list[Source]:
                     if (q / f).is_file()]
         if not here:
             raise DataError(f"--studies {p}: holds none of {expected} (nor does a folder in it); give the --out "
-                            "folder of python -m seal_fast.depth / transfer / fewshot / hessian")
+                            "folder of python -m seal_fast depth / transfer / fewshot / hessian")
         sources += [load(k, f) for k, f in here if f.resolve() not in {s.path.resolve() for s in sources}]
     return sources
 
@@ -191,7 +191,7 @@ class Page:
         self.s, self.out = study, out
         self.written: list[Path] = []
         self.overview: list[list[str]] = []   # rows of the side-by-side table, one column per checkpoint
-        from . import fewshot, transfer
+        from ..studies import fewshot, transfer
 
         self.tr_col, self.fs_col = transfer.column, fewshot.column
 
@@ -200,7 +200,7 @@ class Page:
 
     # 1. depth ------------------------------------------------------------------------------------
     def depth(self) -> list[str]:
-        from .plots import plot_depth_histogram, plot_probe_accuracy
+        from ..plots import plot_depth_histogram, plot_probe_accuracy
 
         if not self.s.of("depth"):
             return _not_run("depth")
@@ -237,7 +237,7 @@ class Page:
 
     # 2. transfer ---------------------------------------------------------------------------------
     def transfer(self) -> list[str]:
-        from .transfer import PAPER_COLUMNS, PAPER_TABLE1
+        from ..studies.transfer import PAPER_COLUMNS, PAPER_TABLE1
 
         if not self.s.of("transfer"):
             return _not_run("transfer")
@@ -255,7 +255,7 @@ class Page:
 
     # 3. few-shot ---------------------------------------------------------------------------------
     def fewshot(self) -> list[str]:
-        from .fewshot import PAPER_20SHOT
+        from ..studies.fewshot import PAPER_20SHOT
 
         if not self.s.of("fewshot"):
             return _not_run("fewshot")
@@ -279,7 +279,7 @@ class Page:
 
     # 4. Hessian ----------------------------------------------------------------------------------
     def hessian(self) -> list[str]:
-        from .hessian_plots import plot_spectrum
+        from ..studies.hessian_plots import plot_spectrum
 
         if not self.s.of("hessian"):
             return _not_run("hessian")

@@ -1,6 +1,6 @@
-"""`python -m seal_fast.sweep`: the paper's table as one command: every (run kind, seed) in its own folder.
+"""`python -m seal_fast sweep`: the paper's table as one command: every (run kind, seed) in its own folder.
 
-    python -m seal_fast.sweep --data DIR --runs normal160,normal,llf,seal --seeds 0 1 2 --out runs/table \\
+    python -m seal_fast sweep --data DIR --runs normal160,normal,llf,seal --seeds 0 1 2 --out runs/table \\
         [--jobs K] [--dry-run] [any train flag, e.g. --amp --channels-last]
 
 Run kinds: normal160 (normal, 1 generation: the paper's "normal (160 epochs)"), normal, llf, seal. Each
@@ -10,7 +10,7 @@ running it again. `--jobs K` runs K trainings at once as separate processes (one
 on 64x64 images leaves most of an H100/H200 idle, so packing runs is where a one-GPU user wins hours; on a
 CPU each process gets cores / K threads). A run's output goes to its folder's train.log. `--dry-run`
 lists the runs, their state and the projected GPU hours (from bench/results/train.csv when it holds a
-measured step time for this GPU, else "unknown"). Then `python -m seal_fast.report OUT` makes the table.
+measured step time for this GPU, else "unknown"). Then `python -m seal_fast report OUT` makes the table.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .config import read_saved_config
-from .errors import ConfigError, cli_main
+from ..config import read_saved_config
+from ..errors import ConfigError, cli_main
 
 KINDS = {"normal160": ["--method", "normal", "--generations", "1"], "normal": ["--method", "normal"],
          "llf": ["--method", "llf"], "seal": ["--method", "seal"]}
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Run:
 
 
 def parse(argv: list[str] | None):
-    p = argparse.ArgumentParser(prog="python -m seal_fast.sweep", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m seal_fast sweep", description=__doc__.split("\n\n")[0],
                                 epilog="Any other flag is passed to every `python -m seal_fast.train`.")
     p.add_argument("--data", help="tiny-imagenet-200 folder (default: the built-in synthetic set, demo schedule)")
     p.add_argument("--runs", default="normal160,normal,llf,seal", help="comma-separated run kinds")
@@ -173,7 +173,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and run the same command again "
               "(finished runs are skipped)", file=sys.stderr)
         return 1
-    print(f"all {len(runs)} runs finished; the table: python -m seal_fast.report {args.out}")
+    print(f"all {len(runs)} runs finished; the table: python -m seal_fast report {args.out}")
     return 0
 
 

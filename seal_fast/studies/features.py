@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .errors import DataError, SealError
-from .models import build_model, forward_probes, probe_names
+from .. import checkpoint
+from ..errors import DataError, SealError
+from ..models import build_model, forward_probes, probe_names
 
 FEATURES_VERSION = 1  # bump when the extraction's arithmetic changes: old cache files are then never read
 
@@ -89,7 +89,7 @@ def feature_layer(model) -> str:
 
 def precision(device: torch.device, amp: bool | None) -> tuple[torch.dtype | None, str]:
     """(autocast dtype or None for fp32, a line saying why). amp None: on with CUDA, off on a CPU."""
-    from .precision import amp_dtype
+    from ..precision import amp_dtype
 
     if amp is None:
         amp = device.type == "cuda"
@@ -127,7 +127,7 @@ class Transform:
 def open_rgb(path: str):
     """A PIL RGB image; a DataError names a file that does not decode, or one whose header announces more than
     data.images.MAX_PIXELS pixels (a decompression bomb: refused before it is decoded)."""
-    from .data.images import open_checked
+    from ..data.images import open_checked
 
     try:
         with open_checked(path) as img:
@@ -167,7 +167,7 @@ def extract(model, files: list[str], labels: list[int], transform: Transform, de
     bar (on a terminal)."""
     from tqdm import tqdm
 
-    from .data.images import normalize
+    from ..data.images import normalize
 
     layer = layer or feature_layer(model)
     loader = torch.utils.data.DataLoader(ImageFiles(files, labels, transform), batch_size=batch_size, shuffle=False,
@@ -237,7 +237,7 @@ def add_extraction_args(p) -> None:
 
 
 def default_cache_dir() -> Path:
-    from .data.synthetic import cache_root
+    from ..data.synthetic import cache_root
 
     return cache_root() / "features"
 

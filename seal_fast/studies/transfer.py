@@ -1,4 +1,4 @@
-"""`python -m seal_fast.transfer`: linear probe of a frozen backbone on other datasets (the SEAL paper's Table 1).
+"""`python -m seal_fast transfer`: linear probe of a frozen backbone on other datasets (the SEAL paper's Table 1).
 
 The protocol, every choice of it (also written into transfer.json under "protocol"):
 - Backbone: the checkpoint's network in eval mode, frozen; features are the global-average-pooled output of its
@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .errors import ConfigError, DataError, cli_main
+from ..errors import ConfigError, DataError, cli_main
 from .features import add_extraction_args
-from .runtime import default_workers, make_out_folder, pick_device
+from ..runtime import default_workers, make_out_folder, pick_device
 
 PRETRAIN_SIZE = 64
 DEFAULT_GRID = [10.0 ** (e / 2) for e in range(2, -13, -1)]  # 10^1 .. 10^-6, every half decade, largest first
@@ -408,9 +408,9 @@ def protocol_dict(args, transform, dtype, device, cache) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data.folders import TRANSFER_DATASETS
+    from ..data.folders import TRANSFER_DATASETS
 
-    p = argparse.ArgumentParser(prog="python -m seal_fast.transfer",
+    p = argparse.ArgumentParser(prog="python -m seal_fast transfer",
                                 description="Linear probe of frozen checkpoints on other datasets (the SEAL paper's "
                                             "Table 1).")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="PT", help="last.pt / best.pt / gen<G>.pt files")
@@ -475,7 +475,7 @@ def setup(args, say):
 
 
 def run(argv: list[str] | None = None) -> int:
-    from .data.folders import open_transfer, synthetic_dataset
+    from ..data.folders import open_transfer, synthetic_dataset
     from .features import Transform
 
     args = build_parser().parse_args(argv)

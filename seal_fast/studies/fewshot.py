@@ -1,4 +1,4 @@
-"""`python -m seal_fast.fewshot`: episodic few-shot evaluation of a frozen backbone, the BSCD-FSL protocol (Guo et al.
+"""`python -m seal_fast fewshot`: episodic few-shot evaluation of a frozen backbone, the BSCD-FSL protocol (Guo et al.
 2020) that the SEAL paper's 20-shot table follows (EuroSAT, CropDisease).
 
 The protocol, every choice of it (also written into fewshot.json under "protocol"):
@@ -51,9 +51,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError, cli_main
+from ..errors import ConfigError, DataError, cli_main
 from .features import add_extraction_args
-from .runtime import default_workers, free_memory, make_out_folder
+from ..runtime import default_workers, free_memory, make_out_folder
 
 PRETRAIN_SIZE = 64
 PAPER_20SHOT = {"normal": {"EuroSAT": "81.52", "CropDisease": "87.43"},
@@ -248,9 +248,9 @@ def write_outputs(out: Path, rows: list[dict], protocol: dict) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data.folders import FEWSHOT_DATASETS
+    from ..data.folders import FEWSHOT_DATASETS
 
-    p = argparse.ArgumentParser(prog="python -m seal_fast.fewshot",
+    p = argparse.ArgumentParser(prog="python -m seal_fast fewshot",
                                 description="Episodic few-shot evaluation of frozen checkpoints (BSCD-FSL protocol).")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="PT", help="last.pt / best.pt / gen<G>.pt files")
     p.add_argument("--dataset", nargs="+", required=True, metavar="NAME",
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> int:
-    from .data.folders import open_fewshot, synthetic_dataset
+    from ..data.folders import open_fewshot, synthetic_dataset
     from .features import Transform
     from .transfer import NEWTON_MAX_VARS, check_common, pair_roots, read_previous, setup
 

@@ -1,4 +1,4 @@
-"""`python -m seal_fast.report RUN_DIR... [--studies DIR...] [--out DIR]`: the paper's table from run folders.
+"""`python -m seal_fast report RUN_DIR... [--studies DIR...] [--out DIR]`: the paper's table from run folders.
 
 RUN_DIR is a run folder (config.json + metrics.jsonl) or a sweep folder holding run folders. Per run kind
 (normal160 = normal with 1 generation, normal, llf, seal) over its seeds: the val top-1 the paper reports
@@ -9,8 +9,8 @@ with finished ones. Writes table.md, table.csv and curves.png (val top-1 per epo
 seeds as a band, SEAL's ascent epochs shaded) into --out (default: the sweep folder, or the current folder
 for several).
 
-`--studies DIR...` puts the studies of a set of checkpoints (the --out folders of seal_fast.depth, .transfer,
-.fewshot and .hessian) side by side on one page, study.md, with their plots (seal_fast/study_page.py); --out
+`--studies DIR...` puts the studies of a set of checkpoints (the --out folders of seal_fast depth, transfer,
+fewshot and hessian) side by side on one page, study.md, with their plots (seal_fast/runs/study_page.py); --out
 defaults to runs/study-<timestamp> when no RUN_DIR is given.
 """
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .config import read_saved_config
-from .errors import ConfigError, DataError, cli_main
+from ..config import read_saved_config
+from ..errors import ConfigError, DataError, cli_main
 
 PAPER = {"normal160": 54.37, "normal": 49.27, "llf": 56.92, "seal": 59.22}  # Tiny-ImageNet, ResNet-50, top-1 %
 ORDER = ("normal160", "normal", "llf", "seal")
@@ -212,10 +212,10 @@ def plot(runs: list[RunRecord], path: Path) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m seal_fast.report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m seal_fast report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders or sweep folders")
     p.add_argument("--studies", nargs="+", metavar="DIR",
-                   help="the --out folders of seal_fast.depth / transfer / fewshot / hessian: study.md side by side")
+                   help="the --out folders of seal_fast depth / transfer / fewshot / hessian: study.md side by side")
     p.add_argument("--out", metavar="DIR", help="where table.md / table.csv / curves.png (and study.md) go")
     args = p.parse_args(argv)
     if not args.runs and not args.studies:
@@ -225,7 +225,7 @@ def run(argv: list[str] | None = None) -> int:
 
         sources = find_sources(args.studies)  # every folder read and checked before anything is written
         if not args.runs:
-            from .runtime import make_out_folder
+            from ..runtime import make_out_folder
 
             out = make_out_folder(args.out or f"runs/study-{datetime.now():%Y%m%d-%H%M%S}")
             written = write_page(args.studies, out, sources)

@@ -1,4 +1,4 @@
-"""`python -m seal_fast.hessian`: the curvature of trained checkpoints (the SEAL paper's "flatter minima" claim).
+"""`python -m seal_fast hessian`: the curvature of trained checkpoints (the SEAL paper's "flatter minima" claim).
 
 What is measured, exactly (so anyone can check it): the Hessian H of
     L(theta) = mean over the sampled images of cross_entropy(model(x; theta), y)   (no label smoothing)
@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint
-from .errors import ConfigError, DataError, cli_main
-from .runtime import free_memory, make_out_folder, pick_device
+from .. import checkpoint
+from ..errors import ConfigError, DataError, cli_main
+from ..runtime import free_memory, make_out_folder, pick_device
 
 Hvp = Callable[[torch.Tensor], torch.Tensor]
 
@@ -70,8 +70,8 @@ def sample_indices(n: int, samples: int) -> list[int]:
 
 def load_samples(root: str | os.PathLike, samples: int) -> tuple[torch.Tensor, torch.Tensor, int, list[str]]:
     """(uint8 images [S,3,H,W], int64 labels [S], training-set size n, classes) of the sampled training images."""
-    from .data.images import load_rgb
-    from .data.layout import scan_train
+    from ..data.images import load_rgb
+    from ..data.layout import scan_train
 
     split = scan_train(root)
     n = len(split.files)
@@ -463,7 +463,7 @@ def write_outputs(out: Path, results: list[Result], settings: dict) -> list[Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m seal_fast.hessian",
+    p = argparse.ArgumentParser(prog="python -m seal_fast hessian",
                                 description="Top Hessian eigenvalues, trace and eigenvalue density (PyHessian's "
                                             "algorithms) of trained checkpoints.")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="PT",
@@ -532,7 +532,7 @@ def run(argv: list[str] | None = None) -> int:
         raise DataError(f"{root}: the data folder {args.checkpoint[0]} was trained on is not there any more; pass "
                         "--data DIR (the tiny-imagenet-200 folder)")
     if root is None:
-        from .data.synthetic import ensure_synthetic
+        from ..data.synthetic import ensure_synthetic
 
         root = str(ensure_synthetic()[0])
         say(f"no --data given and the checkpoint trained on the built-in synthetic set: using it ({root})")
@@ -541,7 +541,7 @@ def run(argv: list[str] | None = None) -> int:
         if model.fc.out_features != len(classes):
             raise DataError(f"{path} predicts {model.fc.out_features} classes but {root} has {len(classes)}; "
                             "pass the --data the checkpoint was trained on")
-    from .data.images import normalize
+    from ..data.images import normalize
 
     inputs = normalize(images, device, channels_last=False, dtype=dtype)
     labels = labels.to(device)

@@ -1,6 +1,6 @@
-"""`python -m seal_fast.pof`: PoF, post-training of the feature extractor (Sato, Yamada et al., ICML 2022).
+"""`python -m seal_fast pof`: PoF, post-training of the feature extractor (Sato, Yamada et al., ICML 2022).
 
-    python -m seal_fast.pof --checkpoint runs/normal/last.pt [--data DIR] --epochs N --out DIR [--resume]
+    python -m seal_fast pof --checkpoint runs/normal/last.pt [--data DIR] --epochs N --out DIR [--resume]
 
 After normal training, only the feature extractor phi (every parameter but `fc`) is trained further, through
 a classifier moved past its own mini-batch optimum, so that the loss becomes flat in the classifier's
@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint
-from .data import build_loaders
-from .errors import ConfigError, DataError, cli_main
+from .. import checkpoint
+from ..data import build_loaders
+from ..errors import ConfigError, DataError, cli_main
 from .features import load_model
-from .plots import plot_curves
-from .runtime import default_workers, lock_folder, make_out_folder, pick_device
+from ..plots import plot_curves
+from ..runtime import default_workers, lock_folder, make_out_folder, pick_device
 
 
 @dataclass
@@ -161,7 +161,7 @@ def evaluate(model, loader) -> tuple[float, float]:
 
 def parse(argv: list[str] | None) -> tuple[PofConfig, bool, bool]:
     d = PofConfig(checkpoint="")
-    p = argparse.ArgumentParser(prog="python -m seal_fast.pof", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m seal_fast pof", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a seal_fast last.pt / best.pt / gen<G>.pt to post-train")
     p.add_argument("--data", help="tiny-imagenet-200 folder (default: the one the checkpoint trained on)")
     p.add_argument("--out", help="output folder (default runs/pof-<time>)")
@@ -211,7 +211,7 @@ def run(argv: list[str] | None = None) -> int:
         raise DataError(f"{cfg.checkpoint}: the model has no fc classifier to keep fixed")
     root = cfg.data or src_cfg.get("data")
     if root is None:
-        from .data.synthetic import ensure_synthetic
+        from ..data.synthetic import ensure_synthetic
         root = str(ensure_synthetic()[0])
     workers = default_workers(cfg.workers)
     main = build_loaders(root, cfg.batch_size, cfg.seed, workers, device, kind=cfg.loader, eval_batch_size=256)

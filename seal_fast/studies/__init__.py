@@ -1,0 +1,1 @@
+"""The studies of trained checkpoints: features (the shared loader and cache), depth, transfer, fewshot, hessian, pof."""
