@@ -107,7 +107,7 @@ def test_streamed_study_equals_all_at_once(trained, tiny_data, split, pooled):
 
 def test_cli_end_to_end(trained, tiny_data, tmp_path):
     out = tmp_path / "depth"
-    cmd = [sys.executable, "-m", "seal_fast.studies.depth", "--checkpoint", trained / "last.pt", trained / "best.pt",
+    cmd = [sys.executable, "-m", "seal_fast", "depth", "--checkpoint", trained / "last.pt", trained / "best.pt",
            "--data", tiny_data, "--k", "5", "--workers", "0", "--out", out]
     res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
@@ -137,7 +137,7 @@ def test_cli_errors(trained, tiny_data, tmp_path, args, words):
     base = ["--checkpoint", trained / "last.pt", "--data", tiny_data, "--workers", "0", "--out", tmp_path / "d"]
     if "--checkpoint" in args:
         base = base[2:]
-    res = subprocess.run([sys.executable, "-m", "seal_fast.studies.depth", *map(str, base + args)], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "seal_fast", "depth", *map(str, base + args)], cwd=ROOT,
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert words in res.stderr
@@ -150,7 +150,7 @@ def test_cli_refuses_wrong_dataset_and_non_checkpoints(trained, tmp_path):
     junk = tmp_path / "junk.pt"
     torch.save({"weights": 1}, junk)
     for ckpt, data, words in ((trained / "last.pt", other, "predicts 4 classes"), (junk, other, "not a seal_fast")):
-        res = subprocess.run([sys.executable, "-m", "seal_fast.studies.depth", "--checkpoint", str(ckpt), "--data", str(data),
+        res = subprocess.run([sys.executable, "-m", "seal_fast", "depth", "--checkpoint", str(ckpt), "--data", str(data),
                               "--workers", "0", "--out", str(tmp_path / "d")], cwd=ROOT, capture_output=True,
                              text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
         assert res.returncode == 2 and "Traceback" not in res.stderr and words in res.stderr, res.stderr[-2000:]

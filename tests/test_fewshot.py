@@ -137,7 +137,7 @@ def run_cli(capsys, *args):
 
 def test_cli_end_to_end(run_dir, eurosat, tmp_path):
     out = tmp_path / "f"
-    cmd = [sys.executable, "-m", "seal_fast.studies.fewshot", "--checkpoint", run_dir / "last.pt", run_dir / "best.pt",
+    cmd = [sys.executable, "-m", "seal_fast", "fewshot", "--checkpoint", run_dir / "last.pt", run_dir / "best.pt",
            "--dataset", "eurosat", "--root", eurosat, "--shots", "1", "5", "--queries", "4", "--episodes", "30",
            "--image-size", "32", "--workers", "0", "--cache-dir", tmp_path / "cache", "--out", out]
     res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,

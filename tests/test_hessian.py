@@ -230,7 +230,7 @@ def ckpts(tiny_data, tmp_path_factory):
 
 def test_cli_end_to_end(ckpts, tiny_data, tmp_path):
     out = tmp_path / "h"
-    cmd = [sys.executable, "-m", "seal_fast.studies.hessian", "--checkpoint", *ckpts, "--samples", "4", "--batch-size", "3",
+    cmd = [sys.executable, "-m", "seal_fast", "hessian", "--checkpoint", *ckpts, "--samples", "4", "--batch-size", "3",
            "--top", "2", "--max-iter", "3", "--trace-max-iter", "2", "--slq-steps", "3", "--out", out]
     res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, check=False,
                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
@@ -340,7 +340,7 @@ def test_cli_errors_are_one_line(ckpts, tiny_data, tmp_path, capsys, case, words
 
 
 def test_python_m_error_has_no_traceback(ckpts, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "seal_fast.studies.hessian", "--checkpoint", str(ckpts[0]), "--data",
+    res = subprocess.run([sys.executable, "-m", "seal_fast", "hessian", "--checkpoint", str(ckpts[0]), "--data",
                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True,
                          text=True, check=False, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr

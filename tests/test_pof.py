@@ -111,7 +111,7 @@ def test_sigkill_then_resume_is_bit_identical(source, tmp_path):
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     assert pof.main(small(source, ref_out)) == 0
     ref = checkpoint.read(ref_out / "last.pt")
-    kills = run_killing(lambda attempt: [sys.executable, "-m", "seal_fast.studies.pof", *small(source, out)] +
+    kills = run_killing(lambda attempt: [sys.executable, "-m", "seal_fast", "pof", *small(source, out)] +
                         (["--resume"] if attempt else []), out / "last.pt", attempts=10, max_pause_s=0.3, seed=0)
     st = checkpoint.read(out / "last.pt")
     assert st.next_epoch == 3

@@ -229,7 +229,7 @@ def test_bad_input_is_one_line(studies, tmp_path, capsys, case, words):
 
 
 def test_python_m_error_has_no_traceback(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "seal_fast.runs.report", "--studies", str(tmp_path / "nope")], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "seal_fast", "report", "--studies", str(tmp_path / "nope")], cwd=ROOT,
                          check=False, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                          timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr

@@ -20,7 +20,7 @@ TRAIN = ["--arch", "resnet10", "--epochs", "2", "--generations", "2", "--ascent-
 
 
 def sweep_cmd(data, out, *extra):
-    return [sys.executable, "-m", "seal_fast.runs.sweep", "--data", str(data), "--runs", "normal160,seal", "--seeds", "0",
+    return [sys.executable, "-m", "seal_fast", "sweep", "--data", str(data), "--runs", "normal160,seal", "--seeds", "0",
             "--out", str(out), "--threads-per-run", "1", *extra, *TRAIN]
 
 

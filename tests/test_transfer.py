@@ -314,7 +314,7 @@ def run_cli(capsys, *args):
 def test_cli_end_to_end(run_dir, folder_set, tmp_path):
     out = tmp_path / "t"
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "seal_fast.studies.transfer", "--checkpoint", run_dir / "last.pt", run_dir / "best.pt",
+    cmd = [sys.executable, "-m", "seal_fast", "transfer", "--checkpoint", run_dir / "last.pt", run_dir / "best.pt",
            "--dataset", "folder", "--root", folder_set, "--image-size", "32", "--l2-grid", "0.01", "1",
            "--workers", "0", "--cache-dir", cache, "--out", out]
     res = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
