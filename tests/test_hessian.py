@@ -15,7 +15,6 @@ from torch import nn
 from seal_fast import checkpoint
 from seal_fast.studies.hessian import (
     HessianOperator,
-    density_curve,
     hutchinson_trace,
     lanczos,
     load_samples,
@@ -26,6 +25,7 @@ from seal_fast.studies.hessian import (
     tridiagonal_quadrature,
 )
 from seal_fast.models import build_model
+from seal_fast.studies.hessian_plots import density_curve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F64 = torch.float64

@@ -1,5 +1,7 @@
-"""The layout (docs/architecture.md): every command through `python -m seal_fast COMMAND`."""
+"""The layout (docs/architecture.md): every command through `python -m seal_fast COMMAND`; no import loop, and the
+floors only import downward."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +60,106 @@ def test_every_console_script_has_a_command():
     for name, target in scripts.items():
         module, func = target.split(":")
         assert (module, func) == (COMMANDS[name.removeprefix("seal-")][0], "main")
+
+
+# ----------------------------------------------------------------------------------------------
+# Imports: no loop, and the floors (docs/architecture.md) only import downward
+# ----------------------------------------------------------------------------------------------
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the package: seal_fast/** (not through the kernels link) and kernels/** as seal_fast.kernels."""
+    files = {}
+    for top, name in ((ROOT / "seal_fast", "seal_fast"), (ROOT / "kernels", "seal_fast.kernels")):
+        for path in sorted(top.rglob("*.py")):
+            rel = path.relative_to(top)
+            if rel.parts[0] == "kernels" and top.name == "seal_fast":
+                continue  # the link to kernels/, read from there
+            parts = [name, *rel.with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            files[".".join(parts)] = path
+    return files
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports, anywhere in the file (a function's lazy import counts too)."""
+    files = module_files()
+    graph = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[:len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base
+                           for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in files:  # import a.b.c of a package's module: its deepest module
+                    target = target.rpartition(".")[0]
+                if target and target != module:
+                    edges.add(target)
+        graph[module] = edges
+    return graph
+
+
+def test_import_graph_sees_the_package():
+    graph = import_graph()
+    assert {"seal_fast.train", "seal_fast.studies.hessian", "seal_fast.runs.report", "seal_fast.kernels.knn",
+            "seal_fast.data.layout"} <= set(graph)
+    assert "seal_fast.studies.hessian_plots" in graph["seal_fast.studies.hessian"]
+    assert "seal_fast.kernels.knn" in graph["seal_fast.studies.depth"]
+
+
+def test_no_import_loop():
+    graph = import_graph()
+    state, loops = {}, []
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                loops.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not loops, "\n".join(" -> ".join(loop) for loop in loops)
+
+
+def floor(module: str) -> str:
+    for room in ("seal_fast.kernels", "seal_fast.studies", "seal_fast.runs", "seal_fast.__main__"):
+        if module == room or module.startswith(room + "."):
+            return room
+    return "seal_fast"  # the trainer's core, data/ included
+
+
+def test_imports_only_go_down():
+    """kernels <- the trainer's core <- studies <- runs <- __main__ (the command table); the core never reaches up."""
+    may_import = {
+        "seal_fast.kernels": {"seal_fast.kernels"},
+        "seal_fast": {"seal_fast", "seal_fast.kernels"},
+        "seal_fast.studies": {"seal_fast", "seal_fast.kernels", "seal_fast.studies"},
+        "seal_fast.runs": {"seal_fast", "seal_fast.kernels", "seal_fast.studies", "seal_fast.runs"},
+        "seal_fast.__main__": {"seal_fast", "seal_fast.kernels", "seal_fast.studies", "seal_fast.runs"},
+    }
+    wrong = [f"{module} -> {target}" for module, targets in import_graph().items() for target in sorted(targets)
+             if floor(target) not in may_import[floor(module)]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_studies_never_import_the_training_loop():
+    wrong = [f"{module} -> seal_fast.train" for module, targets in import_graph().items()
+             if floor(module) == "seal_fast.studies" and "seal_fast.train" in targets]
+    assert not wrong, wrong
