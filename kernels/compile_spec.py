@@ -1,4 +1,4 @@
-"""What a kernel file tells the static report (bench/kernel_report.py): every configuration its launcher
+"""What a kernel file tells the static report (compile_report.py; bench/kernel_report.py prints it): every configuration its launcher
 can pick, in a form `triton.compile` takes without a GPU (ASTSource + GPUTarget, e.g. sm_90). A spec made
 for one architecture (a launcher whose table depends on the GPU: `arch`) is compiled for that one only.
 

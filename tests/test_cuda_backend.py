@@ -250,11 +250,11 @@ def test_trainer_with_the_built_library_but_no_gpu_says_so_in_one_line(native_li
 
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="needs nvcc")
 def test_kernels_compile_for_sm90_without_spills_and_with_128_bit_accesses():
-    """What must stay true of the native kernels, read from bench/kernel_report.py's rows (the Triton kernels'
+    """What must stay true of the native kernels, read from kernels/compile_report.py's rows (the Triton kernels'
     facts are tests/test_kernel_static.py): every instantiation compiles without spills, within 64 registers;
     the aligned update moves parameter / gradient / buffer with 128-bit loads and stores in every dtype; no
     access is generic (the addresses come from int64 records, so each access must name global memory)."""
-    from bench import kernel_report as kr
+    from seal_fast.kernels import compile_report as kr
 
     rows = kr.native_rows(90)
     assert all("error" not in r for r in rows), rows

@@ -1,7 +1,7 @@
 """What every shipped Triton kernel configuration must keep, checked on the compiled code without a GPU.
 
 Every configuration a launcher can pick (each kernel file's `compile_specs()`) is compiled for sm_90a on
-this machine by bench/kernel_report.py (in a subprocess without TRITON_INTERPRET: Triton's own ptxas, no
+this machine by kernels/compile_report.py (in a subprocess without TRITON_INTERPRET: Triton's own ptxas, no
 driver) and read back from the ptxas log, the PTX and the SASS. The KNN, whose tables depend on the GPU's
 architecture, is also compiled for sm_80 (its sm_80 table: CMake targets sm_80 too): no spills, registers and
 shared memory for two blocks per SM there as well. The same code prints the report table, so a failing check
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import kernel_report as kr
+from seal_fast.kernels import compile_report as kr
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = 90
