@@ -1,6 +1,7 @@
-"""What a kernel file tells the static report (compile_report.py; bench/kernel_report.py prints it): every configuration its launcher
-can pick, in a form `triton.compile` takes without a GPU (ASTSource + GPUTarget, e.g. sm_90). A spec made
-for one architecture (a launcher whose table depends on the GPU: `arch`) is compiled for that one only.
+"""What a kernel file tells the static report (compile_report.py; bench/kernel_report.py prints it): every
+configuration its launcher can pick, in a form `triton.compile` takes without a GPU (ASTSource + GPUTarget, e.g.
+sm_90). A spec made for one architecture (a launcher whose table depends on the GPU: `arch`) is compiled for that
+one only.
 
 Each kernel file exposes `compile_specs() -> list[KernelSpec]`, built from the same selection code its
 launcher uses, so the report and the tests cover exactly what ships.
