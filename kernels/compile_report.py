@@ -101,14 +101,14 @@ _CPASYNC = re.compile(r"(?<![\w.%$])cp\.async((?:\.[\w:]+)+)\s+\[[^\]]*\]\s*,\s*
 _TYPE = re.compile(r"^[bsuf](8|16|32|64|128)$")
 
 
-def ptx_accesses(ptx: str) -> list[dict]:
-    """Every global memory access of a PTX text: {"op": "ld"|"st"|"cp.async", "vec", "elem_bits", "bits",
-    "loc": (file, line, col) or None}. ld/st of other state spaces (param, shared, local) are left out."""
-    files, out, loc, in_asm, asm_loc = {}, [], None, False, None
-    for raw in ptx.splitlines():
-        m = _FILE.match(raw)
-        if m:
-            files[m.group(1)] = m.group(2)
+def ptx_lines(ptx: str):
+    """(line index, code without its comment, loc) of every PTX line that is not a .file / .loc directive or an
+    inline-asm marker; loc is (file path, line, col) of the source line it came from, or None."""
+    lines = ptx.splitlines()
+    files = {m.group(1): m.group(2) for m in map(_FILE.match, lines) if m}  # the table comes at the end
+    loc, in_asm, asm_loc = None, False, None
+    for i, raw in enumerate(lines):
+        if _FILE.match(raw):
             continue
         if "// begin inline asm" in raw:
             in_asm, asm_loc = True, None
@@ -118,12 +118,19 @@ def ptx_accesses(ptx: str) -> list[dict]:
             continue
         m = _LOC.match(raw)
         if m:
-            loc = (m.group(1), int(m.group(2)), int(m.group(3)))
+            loc = (files.get(m.group(1), m.group(1)), int(m.group(2)), int(m.group(3)))
             if in_asm:  # LLVM numbers the lines of an inline asm string from the op's line on: keep the first
                 asm_loc = asm_loc or loc
                 loc = asm_loc
             continue
-        line = _COMMENT.sub("", raw)
+        yield i, _COMMENT.sub("", raw), loc
+
+
+def ptx_accesses(ptx: str) -> list[dict]:
+    """Every global memory access of a PTX text: {"op": "ld"|"st"|"cp.async", "vec", "elem_bits", "bits",
+    "loc": (file, line, col) or None}. ld/st of other state spaces (param, shared, local) are left out."""
+    out = []
+    for _, line, loc in ptx_lines(ptx):
         m = _CPASYNC.search(line)
         if m:
             if ".global" in m.group(1) and ".bulk" not in m.group(1):
@@ -140,9 +147,6 @@ def ptx_accesses(ptx: str) -> list[dict]:
         elem = next((int(_TYPE.match(t).group(1)) for t in tokens if _TYPE.match(t)), None)
         out.append({"op": m.group(1), "vec": vec, "elem_bits": elem, "bits": vec * elem if elem else None,
                     "loc": loc})
-    for a in out:  # file numbers -> paths (the .file table comes at the end of the PTX)
-        if a["loc"] is not None:
-            a["loc"] = (files.get(a["loc"][0], a["loc"][0]), a["loc"][1], a["loc"][2])
     return out
 
 

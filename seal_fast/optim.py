@@ -62,12 +62,12 @@ class _Watch:
 
     __slots__ = ("__weakref__", "_lists", "_momentum", "_params", "_ptrs", "_refs", "_without_grad", "dirty")
 
-    def __init__(self, param_groups, params, grads, without_grad, momentum: bool):
+    def __init__(self, param_groups, params, addresses, grads, without_grad, momentum: bool):
         self.dirty: str | None = None  # why the table went stale, once something said so
         self._refs = [weakref.ref(g, self._freed) for g in grads]  # fires when a gradient is freed
         self._lists = [(g["params"], len(g["params"])) for g in param_groups]
         self._params = list(params)
-        self._ptrs = list(map(_data_ptr, self._params))  # the addresses the table's records hold
+        self._ptrs = list(addresses[:len(self._params)])  # the parameters' addresses the table's records hold
         self._without_grad = without_grad
         self._momentum = momentum
 
@@ -231,7 +231,8 @@ class SignedSGD(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         table = make_table(params, grads, bufs, [gi for gi, _ in entries], len(self.param_groups), restart=restart)
         without = [p for g in self.param_groups for p in g["params"] if p.grad is None]
-        self._table, self._watch = table, _Watch(self.param_groups, params, grads, without, momentum != 0)
+        self._watch = _Watch(self.param_groups, params, table.addresses, grads, without, momentum != 0)
+        self._table = table
         return table
 
     def _buffer(self, p: torch.Tensor) -> torch.Tensor:

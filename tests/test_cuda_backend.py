@@ -348,6 +348,16 @@ def test_native_graph_replay_with_new_hyperparameters_matches_eager(native):
     assert_graph_replay_matches_eager("cuda")
 
 
+def _fp32_table(dampening: float):
+    """(table, params, grads) over SHAPES_ODD on the GPU: fp32, one group, momentum 0.9, the step-0 gradients."""
+    params = [p.detach() for p in make_params(SHAPES_ODD, device="cuda")]
+    grads = [g.to(device="cuda", dtype=torch.float32) for g in grads_for(0, params)]
+    bufs = [torch.zeros_like(p) for p in params]
+    t = fused_sgd.make_table(params, grads, bufs, [0] * len(params), 1)
+    t.set_hyperparameters([0.1], [5e-4], 0.9, dampening)
+    return t, params, grads
+
+
 @pytest.mark.gpu
 def test_native_operator_under_torch_compile_equals_eager(native):
     """torch.compile(fullgraph=True) of a function that calls the operator: the same update as calling it
@@ -355,14 +365,7 @@ def test_native_operator_under_torch_compile_equals_eager(native):
     from seal_fast.kernels import cuda
 
     cuda.load()
-    tables = []
-    for _ in range(2):
-        params = [p.detach() for p in make_params(SHAPES_ODD, device="cuda")]
-        grads = [g.to(device="cuda", dtype=torch.float32) for g in grads_for(0, params)]
-        bufs = [torch.zeros_like(p) for p in params]
-        t = fused_sgd.make_table(params, grads, bufs, [0] * len(params), 1)
-        t.set_hyperparameters([0.1], [5e-4], 0.9, 0.0)
-        tables.append((t, params, grads))
+    tables = [_fp32_table(dampening=0.0) for _ in range(2)]
 
     def update(records, params, bufs, hyper, scalars, found_inf, aligned: bool):
         torch.ops.seal_fast.fused_sgd_update(records, params, bufs, hyper, scalars, found_inf, 0, True, False, False,
@@ -388,14 +391,7 @@ def test_native_step_under_torch_compile_reads_the_update(native, compiler):
     which declares its writes; aot_eager hands it copies, which it updates). Also: eager native_step bumps the
     version counters, so autograd refuses a backward through a weight it changed."""
     torch._dynamo.reset()
-    tables = []
-    for _ in range(2):
-        params = [p.detach() for p in make_params(SHAPES_ODD, device="cuda")]
-        grads = [g.to(device="cuda", dtype=torch.float32) for g in grads_for(0, params)]
-        bufs = [torch.zeros_like(p) for p in params]
-        t = fused_sgd.make_table(params, grads, bufs, [0] * len(params), 1)
-        t.set_hyperparameters([0.1], [5e-4], 0.9, 0.3)
-        tables.append((t, params, grads))
+    tables = [_fp32_table(dampening=0.3) for _ in range(2)]
     t, params, grads = tables[1]
 
     def update_then_read():

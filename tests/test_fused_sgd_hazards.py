@@ -162,38 +162,22 @@ def _triton_ptx(labels: list[str]) -> dict[str, str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)\s+(\d+)")
-_FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"')
 _BARRIER = re.compile(r"^\s*(@!?%p\d+\s+)?(bar\.sync|barrier\.sync|bar\.cta\.sync|barrier\.cta\.sync)\b")
 
 
 def restart_order(ptx: str, load_line: int, store_line: int, source: str) -> dict:
     """Positions (PTX line numbers) of the global loads issued for source line `load_line`, the global stores
-    for `store_line` (both of file `source`), and of every barrier, with whether a barrier is predicated. An
-    inline asm block is located at its first .loc (LLVM numbers its lines from the op's line on)."""
-    files = {m.group(1): m.group(2) for m in map(_FILE.match, ptx.splitlines()) if m}
+    for `store_line` (both of file `source`), and of every barrier, with whether a barrier is predicated
+    (the PTX's source locations as the static report reads them: compile_report.ptx_lines)."""
+    from seal_fast.kernels.compile_report import ptx_lines
+
     loads, stores, barriers = [], [], []
-    loc, in_asm, asm_loc = None, False, None
-    for i, raw in enumerate(ptx.splitlines()):
-        if "// begin inline asm" in raw:
-            in_asm, asm_loc = True, None
-            continue
-        if "// end inline asm" in raw:
-            in_asm = False
-            continue
-        m = _LOC.match(raw)
-        if m:
-            loc = (m.group(1), int(m.group(2)))
-            if in_asm:
-                asm_loc = asm_loc or loc
-                loc = asm_loc
-            continue
-        line = raw.split("//")[0]
+    for i, line, loc in ptx_lines(ptx):
         b = _BARRIER.match(line)
         if b:
             barriers.append((i, bool(b.group(1))))
             continue
-        if loc is None or not files.get(loc[0], "").endswith(source):
+        if loc is None or not loc[0].endswith(source):
             continue
         if re.search(r"(?<![\w.])ld\.global", line) and loc[1] == load_line:
             loads.append(i)
