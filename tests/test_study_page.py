@@ -135,7 +135,7 @@ def test_page_puts_every_study_side_by_side(studies, tmp_path, capsys):
     assert row(hs, s0) == ["1.5000", "12.5", "12.5, 3", "120 ± 28.3 (2 vectors)", "4 (float32)"]
     assert row(hs, n0)[:3] == ["2.5000", "40.25", "40.25, 5"]
     # plots redrawn into --out and linked; provenance names each file and its protocol
-    for png in ("probe_accuracy.png", "depth_histogram.png", "spectrum.png"):
+    for png in ("study-probe_accuracy.png", "study-depth_histogram.png", "study-spectrum.png"):
         assert (out / png).read_bytes()[:8] == PNG and f"]({png})" in md
     for f in ("curv/depth.json", "curv/hessian.json", "evals/transfer/transfer.json", "evals/fewshot/fewshot.json"):
         assert f"`{(studies / f).resolve()}`" in prov
@@ -162,9 +162,10 @@ def test_runs_and_studies_together_and_the_table_alone_unchanged(studies, tmp_pa
     (run / "metrics.jsonl").write_text(json.dumps({"generation": 0, "epoch": 0, "global_epoch": 0, "phase": "descent",
                                                    "val_acc": 0.5, "best_val": 0.5, "seconds": 60.0}) + "\n")
     assert report.main([str(tmp_path / "sweep")]) == 0
-    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["curves.png", "seal-s0", "table.csv", "table.md"]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["report-curves.png", "report.csv", "report.md",
+                                                                       "seal-s0"]
     assert report.main([str(tmp_path / "sweep"), "--studies", str(studies / "evals" / "fewshot")]) == 0
-    assert (tmp_path / "sweep" / "study.md").is_file() and (tmp_path / "sweep" / "table.md").is_file()
+    assert (tmp_path / "sweep" / "study.md").is_file() and (tmp_path / "sweep" / "report.md").is_file()
     with pytest.raises(SystemExit) as e:
         report.main([])
     assert e.value.code == 2 and "--studies" in capsys.readouterr().err
@@ -234,3 +235,56 @@ def test_python_m_error_has_no_traceback(tmp_path):
                          timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert "no such folder" in res.stderr
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_without_out_the_page_goes_into_the_one_folder_beside_the_studys_own_files(studies, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "curv"
+    shutil.copytree(studies / "curv", folder)   # depth.json, probe_accuracy.png, ... and hessian's table.md
+    before = tree(folder)
+    assert {"probe_accuracy.png", "depth_histogram.png", "spectrum.png", "table.md"} <= set(before)
+    assert report.main(["--studies", str(folder)]) == 0
+    after = tree(folder)
+    assert {k: after[k] for k in before} == before           # not one file of the studies changed
+    assert sorted(set(after) - set(before)) == ["study-depth_histogram.png", "study-probe_accuracy.png",
+                                                "study-spectrum.png", "study.md"]
+    assert report.main(["--studies", str(folder)]) == 0       # its own page: rewritten
+    assert "--studies" in report.parser().format_help() and "Default: the one RUN_DIR" in report.parser().format_help()
+
+
+def test_several_folders_without_out_print_the_page_and_write_nothing(studies, tmp_path, capsys):
+    import shutil
+
+    for sub in ("curv", "evals"):
+        shutil.copytree(studies / sub, tmp_path / sub)
+    before = tree(tmp_path)
+    assert report.main(["--studies", str(tmp_path / "curv"), str(tmp_path / "evals")]) == 0
+    out = capsys.readouterr().out
+    assert "## 1. Per-layer k-NN probe accuracy" in out and "## 4. Hessian" in out
+    assert "nothing written: 2 folders were given; --out DIR writes study.md with its plots into DIR" in out
+    assert tree(tmp_path) == before
+
+
+def test_a_study_md_not_its_own_is_never_replaced(studies, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "study.md").write_text("my notes\n")
+    assert report.main(["--studies", str(studies / "curv"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "study.md: already there and not written by" in err and err.count("\n") == 1
+    assert (out / "study.md").read_text() == "my notes\n" and sorted(p.name for p in out.iterdir()) == ["study.md"]
+
+
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_out_naming_a_file_is_one_line(studies, tmp_path, capsys, sub):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert report.main(["--studies", str(studies / "curv"), "--out", str(f / sub if sub else f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and err.count("\n") == 1 and "is a file" in err, err
+    assert f.read_text() == "x"

@@ -1,5 +1,5 @@
-"""The table workflow: sweep (resume-and-skip, --jobs K == one at a time, bit for bit) and report (mean / std
-over seeds, unfinished runs apart), and the folder lock that keeps two trainers out of one folder."""
+"""The table workflow: sweep (resume-and-skip, --jobs K == one at a time, bit for bit), and the folder lock that
+keeps two trainers out of one folder. The report's tests: tests/test_report.py."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from seal_fast import runtime, train
-from seal_fast.runs import report, sweep
+from seal_fast.runs import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--arch", "resnet10", "--epochs", "2", "--generations", "2", "--ascent-epochs", "1", "--warmup", "1",
@@ -95,47 +95,7 @@ def test_sweep_refuses_bad_input_in_one_line(tmp_path, capsys, args, words):
     assert err.startswith("error: ") and words in err and "Traceback" not in err
 
 
-# ---- report -----------------------------------------------------------------------------------------
-
-
-def fake_run(folder, method, generations, seed, gen_best, done=None, epochs=2):
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"method": method, "generations": generations, "epochs": epochs,
-                                                    "seed": seed}))
-    rows = []
-    planned = generations * epochs
-    for i in range(planned if done is None else done):
-        g = i // epochs
-        val = gen_best[g] if i % epochs == epochs - 1 else gen_best[g] - 0.1
-        rows.append({"generation": g, "epoch": i % epochs, "global_epoch": i, "phase": "descent", "val_acc": val,
-                     "best_val": max([gen_best[x] for x in range(g + 1)] + [val]), "gen_best_val": val,
-                     "seconds": 1800.0})
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def test_report_means_stds_and_keeps_unfinished_runs_apart(tmp_path, capsys):
-    sw = tmp_path / "table"
-    fake_run(sw / "seal-s0", "seal", 2, 0, [0.70, 0.50])   # the last generation's best is what the paper reports
-    fake_run(sw / "seal-s1", "seal", 2, 1, [0.70, 0.60])
-    fake_run(sw / "seal-s2", "seal", 2, 2, [0.90, 0.90], done=3)  # unfinished: never averaged in
-    fake_run(sw / "normal160-s0", "normal", 1, 0, [0.40])
-    assert report.main([str(sw)]) == 0
-    rows = {(r["kind"], r["status"]): r for r in __import__("csv").DictReader(open(sw / "table.csv"))}
-    seal = rows[("seal", "finished")]
-    assert float(seal["last_gen_best_mean"]) == pytest.approx(55.0) and int(seal["last_gen_best_n"]) == 2
-    assert float(seal["last_gen_best_std"]) == pytest.approx(7.0710678, rel=1e-6)   # sample std of 50 and 60
-    assert float(seal["run_best_mean"]) == pytest.approx(70.0) and float(seal["paper"]) == 59.22
-    assert float(seal["wall_hours"]) == pytest.approx(2.0)                          # 4 epochs x 30 min
-    assert rows[("seal", "UNFINISHED")]["epochs"] == "3/4" and rows[("seal", "UNFINISHED")]["seeds"] == "1"
-    assert float(rows[("normal160", "finished")]["last_gen_best_mean"]) == pytest.approx(40.0)
-    md = (sw / "table.md").read_text()
-    assert "| seal | UNFINISHED (seeds 2) |" in md and "55.00 +- 7.07 (n=2)" in md
-    assert (sw / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_report_refuses_a_folder_without_runs(tmp_path, capsys):
-    assert report.main([str(tmp_path)]) == 2
-    assert "neither a run folder" in capsys.readouterr().err
+# ---- the folder lock (report: tests/test_report.py) ----------------------------------------------
 
 
 def test_two_trainers_never_share_a_folder(tiny_data, tmp_path, capsys):

@@ -1,175 +1,114 @@
 """`python -m seal_fast report RUN_DIR... [--studies DIR...] [--out DIR]`: the paper's table from run folders.
 
-RUN_DIR is a run folder (config.json + metrics.jsonl) or a sweep folder holding run folders. Per run kind
-(normal160 = normal with 1 generation, normal, llf, seal) over its seeds: the val top-1 the paper reports
-(the best within the last generation: the published code tracks the best per generation), the best over
-the whole run, the final val top-1 (the last evaluation), each as mean +- std (n), epochs done, wall hours,
-and the paper's number beside the first. Unfinished runs get rows of their own, marked so, never averaged
-with finished ones. Writes table.md, table.csv and curves.png (val top-1 per epoch, one colour per kind,
-seeds as a band, SEAL's ascent epochs shaded) into --out (default: the sweep folder, or the current folder
-for several).
+RUN_DIR is a run folder (config.json + metrics.jsonl) or a sweep folder holding run folders. Runs are grouped by
+kind (normal160 = normal with 1 generation, normal, llf, seal) and by every setting that changes the result (data set
+and its fingerprint, architecture, schedule, batch size, precision, optimizer...: seal_fast/runs/groups.py); only the
+runs of one group are averaged over their seeds. Per group: the val top-1 the paper reports (the best within the last
+generation: the published code tracks the best per generation), the best over the whole run, the final val top-1 (the
+last evaluation), each as mean +- sample std (n) (no spread for n = 1), epochs done, wall hours, and the paper's
+number only beside runs of the paper's recipe on the complete Tiny-ImageNet. Settings every row shares are said once
+above the table; those that differ between rows are in the row. Unfinished runs get rows of their own; a run that
+cannot be read is listed (file and line) and the rest are tabled.
+
+Writes report.md, report.csv and report-curves.png (val top-1 per epoch, one line per row, seeds as a band, SEAL's
+ascent epochs shaded), files of its own that never replace a file a run or a study wrote, into --out; without --out
+into the one folder given, and with several folders it prints the table and writes nothing.
 
 `--studies DIR...` puts the studies of a set of checkpoints (the --out folders of seal_fast depth, transfer,
-fewshot and hessian) side by side on one page, study.md, with their plots (seal_fast/runs/study_page.py); --out
-defaults to runs/study-<timestamp> when no RUN_DIR is given.
+fewshot and hessian) side by side on one page, study.md, with its plots (study-*.png; seal_fast/runs/study_page.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import statistics
 import sys
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
-from ..config import read_saved_config
-from ..errors import ConfigError, DataError, cli_main
+from ..cli import command_parser
+from ..errors import DataError, cli_main
+from .groups import ORDER, Group, RunRecord, applies, differing, find_runs, group_runs
+from .outdir import check_own, marked, out_folder
 
-PAPER = {"normal160": 54.37, "normal": 49.27, "llf": 56.92, "seal": 59.22}  # Tiny-ImageNet, ResNet-50, top-1 %
-ORDER = ("normal160", "normal", "llf", "seal")
-
-
-@dataclass
-class RunRecord:
-    folder: Path
-    kind: str
-    seed: int
-    rows: list[dict]
-    planned: int
-
-    @property
-    def finished(self) -> bool:
-        return len(self.rows) >= self.planned
-
-    def figure(self, key: str) -> float | None:
-        vals = [r.get(key) for r in self.rows if r.get(key) is not None]
-        return vals[-1] if vals else None
-
-    @property
-    def final_val(self) -> float | None:
-        vals = [r["val_acc"] for r in self.rows if r.get("val_acc") is not None]
-        return vals[-1] if vals else None
-
-    @property
-    def hours(self) -> float:
-        return sum(r.get("seconds") or 0.0 for r in self.rows) / 3600
+FILES = ("report.md", "report.csv", "report-curves.png")
+EXIT_CODES = ("exit codes: 0 the table (and page) written or printed, also when some runs are unreadable (they are "
+              "listed, on stderr and under the table); 2 bad input (a missing folder, --out naming a file, no readable "
+              "run, a study file that is not a study's output, a file of that name there that is not the report's "
+              "own); 1 a file could not be written (a full disk); 130 interrupted.")
 
 
-def kind_of(cfg: dict) -> str:
-    return "normal160" if cfg["method"] == "normal" and cfg["generations"] == 1 else cfg["method"]
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl as data (JSON lines): each line an object with an integer generation and numbers (or null) for
-    the figures the report uses, else a DataError naming the file and the line."""
-    if not path.exists():
-        return []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read it ({exc})") from None
-    rows = []
-    for n, ln in enumerate(lines, 1):
-        if not ln.strip():
-            continue
-        try:
-            r = json.loads(ln)
-        except (ValueError, RecursionError) as exc:
-            why = "nested too deep" if isinstance(exc, RecursionError) else str(exc)[:200]
-            raise DataError(f"{path}, line {n}: not a JSON line ({why}); not the metrics.jsonl the trainer "
-                            "wrote: restore it, or leave that run out") from None
-        number = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
-        if not (isinstance(r, dict) and type(r.get("generation")) is int and type(r.get("global_epoch")) is int
-                and all(number(r.get(k)) for k in ("val_acc", "best_val", "gen_best_val", "seconds"))):
-            raise DataError(f"{path}, line {n}: not an epoch's metrics (an object with integer generation and "
-                            "global_epoch, numeric val_acc / best_val / seconds); restore the file, or leave that run "
-                            "out")
-        rows.append(r)
-    return rows
-
-
-def read_run(folder: Path) -> RunRecord:
-    cfg = read_saved_config(folder / "config.json")
-    rows = read_metrics(folder / "metrics.jsonl")
-    for r in rows:  # runs from before per-generation figures: derive them from the rows themselves
-        if "gen_best_val" not in r:
-            gen = [x["val_acc"] for x in rows[:rows.index(r) + 1]
-                   if x["generation"] == r["generation"] and x.get("val_acc") is not None]
-            r["gen_best_val"] = max(gen) if gen else None
-    return RunRecord(folder, kind_of(cfg), cfg.get("seed", 0), rows, cfg["generations"] * cfg["epochs"])
-
-
-def find_runs(paths: list[str]) -> list[RunRecord]:
-    runs = []
-    for p in map(Path, paths):
-        if not p.is_dir():
-            raise ConfigError(f"{p}: no such folder; give run folders or a sweep folder")
-        if (p / "config.json").exists():
-            runs.append(read_run(p))
-            continue
-        inner = sorted(q for q in p.iterdir() if (q / "config.json").exists())
-        if not inner:
-            raise DataError(f"{p}: neither a run folder (config.json) nor a sweep folder holding run folders")
-        runs += [read_run(q) for q in inner]
-    return runs
-
-
-def stats(values: list[float]) -> tuple[float | None, float | None, int]:
+def stats(values: list[float | None]) -> tuple[float | None, float | None, int]:
     values = [100 * v for v in values if v is not None]
     if not values:
         return None, None, 0
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
 
 
-def summarize(runs: list[RunRecord]) -> list[dict]:
+def show(k: str, v) -> str:
+    return f"{k.replace('_', '-')} {'(not recorded)' if v is None else v}"
+
+
+def summarize(groups: list[Group], differ: list[str]) -> list[dict]:
     table = []
-    kinds = sorted({r.kind for r in runs}, key=lambda k: ORDER.index(k) if k in ORDER else len(ORDER))
-    for kind in kinds:
-        for finished in (True, False):
-            group = [r for r in runs if r.kind == kind and r.finished == finished]
-            if not group:
-                continue
-            row = {"kind": kind, "status": "finished" if finished else "UNFINISHED", "seeds": len(group),
-                   "seed_list": " ".join(str(r.seed) for r in sorted(group, key=lambda r: r.seed))}
-            for key, getter in (("last_gen_best", lambda r: r.figure("gen_best_val")),
-                                ("run_best", lambda r: r.figure("best_val")), ("final", lambda r: r.final_val)):
-                m, s, n = stats([getter(r) for r in group])
-                row[f"{key}_mean"], row[f"{key}_std"], row[f"{key}_n"] = m, s, n
-            row["epochs"] = " ".join(sorted({f"{len(r.rows)}/{r.planned}" for r in group}))
-            row["wall_hours"] = statistics.fmean(r.hours for r in group)
-            row["paper"] = PAPER.get(kind)
-            table.append(row)
+    for g in groups:
+        runs = sorted(g.runs, key=lambda r: r.seed)
+        paper, why = g.paper
+        row = {"kind": g.kind, "settings": ", ".join(show(k, g.settings.get(k)) for k in differ if applies(g, k)),
+               "status": "finished" if g.finished else "UNFINISHED", "seeds": len(runs),
+               "seed_list": " ".join(str(r.seed) for r in runs)}
+        for key, getter in (("last_gen_best", lambda r: r.figure("gen_best_val")),
+                            ("run_best", lambda r: r.figure("best_val")), ("final", lambda r: r.final_val)):
+            m, s, n = stats([getter(r) for r in runs])
+            row[f"{key}_mean"], row[f"{key}_std"], row[f"{key}_n"] = m, s, n
+        row["epochs"] = " ".join(sorted({f"{len(r.rows)}/{r.planned}" for r in runs}))
+        row["wall_hours"] = statistics.fmean(r.hours for r in runs)
+        row["paper"], row["paper_note"] = paper, why
+        row["repeated_seeds"] = "; ".join(g.repeats)
+        table.append(row)
     return table
 
 
 def fmt(m, s, n) -> str:
-    return "-" if m is None else f"{m:.2f} +- {s:.2f} (n={n})"
+    return "-" if m is None else f"{m:.2f} (n=1)" if n == 1 else f"{m:.2f} +- {s:.2f} (n={n})"
 
 
-def write_table(table: list[dict], out: Path) -> None:
-    with open(out / "table.csv", "w", newline="") as f:
+def table_md(table: list[dict], common: dict, unreadable: list[str]) -> str:
+    lines = ["# Runs: val top-1 (%)", ""]
+    if common:
+        lines += ["Every row: " + "; ".join(show(k, v) for k, v in common.items()) + ".", ""]
+    lines += ["| run | settings that differ | status (seeds) | val top-1 %, best in the last generation | paper | "
+              "best over the whole run | final val | epochs | wall h (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        paper = "-" if r["paper"] is None else f"{r['paper']:.2f}"
+        if r["paper_note"]:
+            paper += f" ({r['paper_note']})"
+        lines.append(f"| {r['kind']} | {r['settings'] or '-'} | {r['status']} (seeds {r['seed_list']}) | "
+                     f"{fmt(r['last_gen_best_mean'], r['last_gen_best_std'], r['last_gen_best_n'])} | {paper} | "
+                     f"{fmt(r['run_best_mean'], r['run_best_std'], r['run_best_n'])} | "
+                     f"{fmt(r['final_mean'], r['final_std'], r['final_n'])} | {r['epochs']} | {r['wall_hours']:.2f} |")
+    lines += ["", "Rows are runs of one kind and one value of every setting that changes the result; only a row's "
+              "runs are averaged: mean +- sample std over seeds (n = the seeds counted; no spread for one). The paper "
+              "column compares with the best val top-1 within the last generation (the published code tracks the best "
+              "per generation) and is filled only beside runs of the paper's recipe on the complete Tiny-ImageNet. "
+              "UNFINISHED rows are runs still short of their planned epochs, never averaged with finished ones."]
+    repeats = [f"- {r['kind']} ({r['settings'] or 'as above'}), {x}" for r in table if r["repeated_seeds"]
+               for x in r["repeated_seeds"].split("; ")]
+    if repeats:
+        lines += ["", "Repeated seeds, each counted once:", "", *repeats]
+    if unreadable:
+        lines += ["", f"Unreadable runs, left out of the table ({len(unreadable)}):", "",
+                  *(f"- {u}" for u in unreadable)]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(table: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(table[0]))
         w.writeheader()
         w.writerows(table)
-    lines = ["| run | status | val top-1 %, best in the last generation | paper | best over the whole run | "
-             "final val | epochs | wall h (mean) |", "|---|---|---|---|---|---|---|---|"]
-    for r in table:
-        lines.append(f"| {r['kind']} | {r['status']} (seeds {r['seed_list']}) | "
-                     f"{fmt(r['last_gen_best_mean'], r['last_gen_best_std'], r['last_gen_best_n'])} | "
-                     f"{'-' if r['paper'] is None else r['paper']} | "
-                     f"{fmt(r['run_best_mean'], r['run_best_std'], r['run_best_n'])} | "
-                     f"{fmt(r['final_mean'], r['final_std'], r['final_n'])} | {r['epochs']} | {r['wall_hours']:.2f} |")
-    lines += ["", "The paper column compares with the best val top-1 within the last generation (the published code "
-              "tracks the best per generation); the whole-run best is its own column. Mean +- sample std over "
-              "seeds. UNFINISHED rows are runs still short of their planned epochs, never averaged with finished "
-              "ones."]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
 
 
-def plot(runs: list[RunRecord], path: Path) -> None:
+def plot(groups: list[Group], labels: list[str], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -177,77 +116,127 @@ def plot(runs: list[RunRecord], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     colours = {"normal160": "tab:gray", "normal": "tab:blue", "llf": "tab:orange", "seal": "tab:green"}
-    shaded = False
-    for kind in sorted({r.kind for r in runs}, key=lambda k: ORDER.index(k) if k in ORDER else len(ORDER)):
-        group = [r for r in runs if r.kind == kind]
-        epochs = sorted({x["global_epoch"] for r in group for x in r.rows if x.get("val_acc") is not None})
+    styles = ["-", "--", ":", "-."]
+    shaded, seen = False, {}
+    for g, label in zip(groups, labels):
+        epochs = sorted({x["global_epoch"] for r in g.runs for x in r.rows if x.get("val_acc") is not None})
         if not epochs:
             continue
-        per = np.full((len(group), len(epochs)), np.nan)
-        for i, r in enumerate(group):
+        per = np.full((len(g.runs), len(epochs)), np.nan)
+        for i, r in enumerate(g.runs):
             for x in r.rows:
                 if x.get("val_acc") is not None:
                     per[i, epochs.index(x["global_epoch"])] = 100 * x["val_acc"]
-        mean = np.nanmean(per, axis=0)
         xs = np.array(epochs) + 1
-        unfinished = sum(not r.finished for r in group)
-        label = f"{kind} (n={len(group)}{', ' + str(unfinished) + ' unfinished' if unfinished else ''})"
-        ax.plot(xs, mean, color=colours.get(kind), label=label, lw=1.5)
-        if len(group) > 1:
-            ax.fill_between(xs, np.nanmin(per, axis=0), np.nanmax(per, axis=0), color=colours.get(kind), alpha=0.2,
+        style = styles[seen.setdefault(g.kind, 0) % len(styles)]
+        seen[g.kind] += 1
+        ax.plot(xs, np.nanmean(per, axis=0), color=colours.get(g.kind), ls=style, lw=1.5,
+                label=f"{label} (n={len(g.runs)}{'' if g.finished else ', unfinished'})")
+        if len(g.runs) > 1:
+            ax.fill_between(xs, np.nanmin(per, axis=0), np.nanmax(per, axis=0), color=colours.get(g.kind), alpha=0.2,
                             lw=0)
-        if kind == "seal" and not shaded:
-            for x in group[0].rows:
+        if g.kind == "seal" and not shaded:
+            for x in g.runs[0].rows:
                 if x.get("phase") == "ascent":
                     ax.axvspan(x["global_epoch"] + 0.5, x["global_epoch"] + 1.5, color="tab:red", alpha=0.08, lw=0)
             shaded = True
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("val top-1 per epoch: mean over seeds, band = min..max" + (", SEAL ascent shaded" if shaded else ""))
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m seal_fast report", description=__doc__.split("\n\n")[0])
+def parser():
+    p = command_parser("report", __doc__.split("\n\n")[0], epilog=EXIT_CODES)
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders or sweep folders")
     p.add_argument("--studies", nargs="+", metavar="DIR",
                    help="the --out folders of seal_fast depth / transfer / fewshot / hessian: study.md side by side")
-    p.add_argument("--out", metavar="DIR", help="where table.md / table.csv / curves.png (and study.md) go")
+    p.add_argument("--out", metavar="DIR",
+                   help="folder for report.md, report.csv, report-curves.png (and study.md, study-*.png); created if "
+                        "needed. Default: the one RUN_DIR given (or, with --studies alone, the one --studies folder); "
+                        "with several folders and no --out the table is printed and nothing is written")
+    return p
+
+
+def default_out(args) -> Path | None:
+    if args.out:
+        return Path(args.out)
+    if len(args.runs) == 1:
+        return Path(args.runs[0])
+    if not args.runs and len(args.studies or []) == 1:
+        return Path(args.studies[0])
+    return None
+
+
+def run(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if not args.runs and not args.studies:
         p.error("give RUN_DIR... (the table) and / or --studies DIR... (the study page)")
+    out = default_out(args)
+    if args.out:
+        out_folder(out, create=False)  # --out FILE: one line before anything is read
+    sources = None
     if args.studies:
-        from .study_page import find_sources, write_page
+        from .study_page import find_sources
 
         sources = find_sources(args.studies)  # every folder read and checked before anything is written
-        if not args.runs:
-            from ..runtime import make_out_folder
+    runs, unreadable = find_runs(args.runs) if args.runs else ([], [])
+    if args.runs and not runs:
+        raise DataError(f"no readable run among {len(unreadable)}: {unreadable[0]}"
+                        + (f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""))
+    for u in unreadable:
+        print(f"warning: unreadable, left out of the table: {u}", file=sys.stderr)
+    if out is not None:
+        out = out_folder(out)
+        if runs:
+            check_own(out, FILES[0], list(FILES[1:]), "report")
+        if sources:
+            from .study_page import check_page
 
-            out = make_out_folder(args.out or f"runs/study-{datetime.now():%Y%m%d-%H%M%S}")
+            check_page(out)
+    if runs:
+        write_runs(runs, unreadable, out)
+    if sources:
+        from .study_page import render_page, write_page
+
+        if out is None:
+            print(render_page(sources))
+        else:
             written = write_page(args.studies, out, sources)
             print(f"wrote {', '.join(map(str, written))} ({len(sources)} study files)")
-            return 0
-    runs = find_runs(args.runs)
-    out = Path(args.out) if args.out else (Path(args.runs[0]) if len(args.runs) == 1 and
-                                           not (Path(args.runs[0]) / "config.json").exists() else Path("."))
-    out.mkdir(parents=True, exist_ok=True)
-    table = summarize(runs)
-    write_table(table, out)
-    plot(runs, out / "curves.png")
-    print((out / "table.md").read_text())
-    print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'curves.png'} ({len(runs)} runs)")
-    if args.studies:
-        print(f"wrote {', '.join(map(str, write_page(args.studies, out, sources)))} ({len(sources)} study files)")
+    if out is None:
+        folders = len(args.runs) + len(args.studies or [])
+        what = [", ".join(FILES)] if runs else []
+        what += ["study.md with its plots"] if sources else []
+        print(f"nothing written: {folders} folders were given; --out DIR writes {' and '.join(what)} into DIR")
     return 0
+
+
+def write_runs(runs: list[RunRecord], unreadable: list[str], out: Path | None) -> None:
+    groups = group_runs(runs)
+    differ, common = differing(groups)
+    table = summarize(groups, differ)
+    text = table_md(table, common, unreadable)
+    print(text)
+    if out is None:
+        return
+    (out / FILES[0]).write_text(marked(text, "report"))  # first: the other two are the report's beside it
+    write_csv(table, out / FILES[1])
+    plot(groups, [f"{r['kind']}" + (f" [{r['settings']}]" if r["settings"] else "") for r in table], out / FILES[2])
+    print(f"wrote {', '.join(str(out / f) for f in FILES)} ({len(runs)} runs in {len(groups)} rows"
+          + (f", {len(unreadable)} unreadable" if unreadable else "") + ")")
 
 
 def main(argv: list[str] | None = None) -> int:
     return cli_main(run, argv, "interrupted; nothing was written")
 
+
+__all__ = ["ORDER", "main", "run"]
 
 if __name__ == "__main__":
     sys.exit(main())

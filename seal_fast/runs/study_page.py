@@ -8,10 +8,13 @@ holding such folders:
   hessian.json   python -m seal_fast hessian   top Hessian eigenvalue, trace, eigenvalue density
 Checkpoints are matched across the studies by their path (the studies write it absolute or as given on their
 command line; a relative one is matched to the absolute path it ends with, else taken from the current folder).
-Writes study.md into --out: the checkpoints side by side (an overview, then one section per study; a study
-no folder holds says "not run"), the source folders and the protocol each JSON carries, and the plots redrawn
-from the JSONs with the studies' own plotting code (probe_accuracy.png and depth_histogram.png: one line / colour
-per checkpoint; spectrum.png: the Hessian eigenvalue density of every checkpoint).
+Writes study.md into --out (default: the one folder given; with several and no --out the page is printed and
+nothing is written): the checkpoints side by side (an overview, then one section per study; a study no folder
+holds says "not run"), the source folders and the protocol each JSON carries, and the plots redrawn from the JSONs
+with the studies' own plotting code (study-probe_accuracy.png and study-depth_histogram.png: one line / colour per
+checkpoint; study-spectrum.png: the Hessian eigenvalue density of every checkpoint). These names are the page's own:
+it never replaces a file a study wrote (a study's probe_accuracy.png, spectrum.png or table.md), and refuses, in one
+line, to replace a study.md it did not write.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from .outdir import check_own, marked
 
+PLOTS = ("study-probe_accuracy.png", "study-depth_histogram.png", "study-spectrum.png")
 FILES = {"depth": "depth.json", "transfer": "transfer.json", "fewshot": "fewshot.json", "hessian": "hessian.json"}
 TITLES = {"depth": "Per-layer k-NN probe accuracy (%) and prediction depth",
           "transfer": "Transfer: linear probe of the frozen backbone, test top-1 (%)",
@@ -187,7 +192,7 @@ def _not_run(kind: str) -> list[str]:
 
 
 class Page:
-    def __init__(self, study: Study, out: Path):
+    def __init__(self, study: Study, out: Path | None):
         self.s, self.out = study, out
         self.written: list[Path] = []
         self.overview: list[list[str]] = []   # rows of the side-by-side table, one column per checkpoint
@@ -225,15 +230,17 @@ class Page:
             self.row(f"network top-1 (%){tag}", {c[0]: _pct(cells[c]["network_acc"]) for c in cols if c[1] == st})
             self.row(f"mean prediction depth{tag}", {c[0]: depth(cells[c]) for c in cols if c[1] == st})
         rows = [dict(cells[c], label=name[c]) for c in cols]
-        plot_probe_accuracy(rows, self.out / "probe_accuracy.png")
-        plot_depth_histogram(rows, self.out / "depth_histogram.png")
-        self.written += [self.out / "probe_accuracy.png", self.out / "depth_histogram.png"]
+        figures = []
+        if self.out is not None:
+            plot_probe_accuracy(rows, self.out / PLOTS[0])
+            plot_depth_histogram(rows, self.out / PLOTS[1])
+            self.written += [self.out / PLOTS[0], self.out / PLOTS[1]]
+            figures = ["", f"![k-NN probe accuracy per layer]({PLOTS[0]})", "",
+                       f"![prediction depth histogram]({PLOTS[1]})"]
         setting = "" if several else f" ({_setting(rows[0])} embeddings)"
         return (["k-NN probe accuracy after each block, probes as rows, checkpoints as columns" + setting +
                  "; the prediction depth of a sample is the first probe from which every later probe agrees with "
-                 "the network.", ""] + lines +
-                ["", "![k-NN probe accuracy per layer](probe_accuracy.png)", "",
-                 "![prediction depth histogram](depth_histogram.png)", ""])
+                 "the network.", ""] + lines + figures + [""])
 
     # 2. transfer ---------------------------------------------------------------------------------
     def transfer(self) -> list[str]:
@@ -303,11 +310,11 @@ class Page:
         lines = _table(["checkpoint", "loss", "top eigenvalue"] + (["top eigenvalues"] if top > 1 else [])
                        + ["trace (mean ± std over Rademacher vectors)", "images (dtype)"], rows)
         dense = [dict(cells[(k, "")], label=self.s.labels[k]) for k in keys if cells[(k, "")]["density"].get("nodes")]
-        if dense:
-            plot_spectrum(dense, self.out / "spectrum.png")
-            self.written.append(self.out / "spectrum.png")
-            lines += ["", "![Hessian eigenvalue density](spectrum.png)"]
-        else:
+        if dense and self.out is not None:
+            plot_spectrum(dense, self.out / PLOTS[2])
+            self.written.append(self.out / PLOTS[2])
+            lines += ["", f"![Hessian eigenvalue density]({PLOTS[2]})"]
+        elif not dense:
             lines += ["", "No eigenvalue density in hessian.json (run with --slq-runs 0)."]
         return lines + [""]
 
@@ -351,10 +358,21 @@ class Page:
         return "\n".join(lines)
 
 
+def check_page(out: Path) -> None:
+    """Refuse (one line) before anything is written when `out` holds a study.md or study-*.png not written here."""
+    check_own(out, "study.md", list(PLOTS), "report")
+
+
+def render_page(sources: list[Source]) -> str:
+    """The page as text, without its plots (nothing is written)."""
+    return Page(Study(sources), None).render()
+
+
 def write_page(folders: list[str], out: Path, sources: list[Source] | None = None) -> list[Path]:
     """study.md and its plots in `out` (which exists); returns the files written, the page first."""
+    check_page(out)
     page = Page(Study(sources if sources is not None else find_sources(folders)), out)
-    text = page.render()
+    text = marked(page.render(), "report")
     tmp = out / ".study.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, out / "study.md")
