@@ -1,0 +1,84 @@
+"""seal_fast.preflight.check_train_argv: the trainer's parser and every check before training, writing nothing."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seal_fast.config import Config
+from seal_fast.errors import ConfigError, DataError, SealError
+from seal_fast.preflight import check_train_argv
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def files_under(folder: Path) -> set:
+    return {p for p in folder.rglob("*")}
+
+
+def test_a_good_command_gives_the_config_and_writes_nothing(tiny_data, tmp_path):
+    before = files_under(tmp_path) | files_under(tiny_data)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # a default --out would go to ./runs: not created either
+    try:
+        cfg = check_train_argv(["--data", str(tiny_data), "--method", "llf", "--arch", "resnet10", "--epochs", "3",
+                                "--out", str(tmp_path / "a" / "b")])
+        check_train_argv(["--data", str(tiny_data), "--arch", "resnet10"])
+    finally:
+        os.chdir(cwd)
+    assert isinstance(cfg, Config) and cfg.method == "llf" and cfg.epochs == 3 and cfg.preset == "paper"
+    assert cfg.out == str(tmp_path / "a" / "b")
+    assert files_under(tmp_path) | files_under(tiny_data) == before
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--lr", "x"], "argument --lr: invalid float value: 'x'"),
+    (["--method", "sgd"], "argument --method: invalid choice"),
+    (["--lr", "-1"], "--lr -1.0"),
+    (["--summary"], "--summary goes with --dry-run"),
+])
+def test_argparse_errors_and_bad_values_are_config_errors_not_system_exit(argv, words):
+    with pytest.raises(ConfigError) as e:
+        check_train_argv(argv)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_data_folder_and_its_layout_are_checked(data_copy, tmp_path):
+    with pytest.raises(DataError, match="no such folder"):
+        check_train_argv(["--data", str(tmp_path / "nowhere")])
+    (data_copy / "val" / "val_annotations.txt").unlink()
+    with pytest.raises(DataError, match="val_annotations.txt: missing"):
+        check_train_argv(["--data", str(data_copy)])
+
+
+def test_the_out_folder_is_checked_without_being_made(tiny_data, tmp_path):
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "last.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_train_argv(["--data", str(tiny_data), "--out", str(done)])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot write there"):
+        check_train_argv(["--data", str(tiny_data), "--out", str(blocker / "run")])
+    with pytest.raises(ConfigError, match="cannot write there"):
+        check_train_argv(["--data", str(tiny_data), "--out", str(blocker)])
+
+
+def test_resume_reads_the_folder_it_names(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SealError, match="cannot read this checkpoint"):
+        check_train_argv(["--resume", str(tmp_path / "run")])
+
+
+def test_the_trainer_answers_an_unknown_flag_with_the_same_line():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-m", "seal_fast.train", "--no-such-flag"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == [
+        "error: unrecognized arguments: --no-such-flag (python -m seal_fast.train --help lists every flag)"]
