@@ -90,6 +90,7 @@ def test_only_comparable_runs_are_averaged_and_what_differs_is_shown(tmp_path, t
     assert any(f"data {tiny_data} (" in r["settings"] for r in rows[:2])   # the folder and its fingerprint
     every = [ln for ln in md.splitlines() if ln.startswith("Every row: ")][0]
     assert "lr 0.1" in every and "epochs 2" in every and "batch-size" not in every
+    assert "generations 2 (normal160: 1)" in every and "ascent-epochs 40 (seal rows)" in every
     assert "40.00 (n=1)" in md and "55.00 +- 7.07 (n=2)" in md and "+- 0.00 (n=1)" not in md
 
 
@@ -102,7 +103,9 @@ def test_unfinished_runs_have_rows_of_their_own(tmp_path):
     rows = {(r["kind"], r["status"]): r for r in csv_rows(sw / "report.csv")}
     assert rows[("seal", "finished")]["seeds"] == "2" and float(rows[("seal", "finished")]["wall_hours"]) == 2.0
     assert rows[("seal", "UNFINISHED")]["epochs"] == "3/4" and rows[("seal", "UNFINISHED")]["seeds"] == "1"
-    assert md_row((sw / "report.md").read_text(), "seal", "UNFINISHED")[2] == "UNFINISHED (seeds 2)"
+    md = (sw / "report.md").read_text()
+    assert md_row(md, "seal", "UNFINISHED")[2] == "UNFINISHED (seeds 2)" and md_row(md, "seal")[-1] == "2.00 h"
+    assert md_row(md, "seal", "UNFINISHED")[-1] == "1.50 h"
 
 
 def test_a_repeated_seed_is_counted_once_and_said(tmp_path, capsys):

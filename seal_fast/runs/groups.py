@@ -247,3 +247,10 @@ def differing(groups: list[Group]) -> tuple[list[str], dict]:
         elif values:
             common[k] = json.loads(values.pop())
     return differ, common
+
+
+def scope(groups: list[Group], k: str) -> str:
+    """"" when setting k is compared in every group, else which rows it is about (for the shared settings' line)."""
+    if all(applies(g, k) for g in groups):
+        return ""
+    return " (seal rows)" if k in SEAL_ONLY else " (normal160: 1)" if k == "generations" else ""

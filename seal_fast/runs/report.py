@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..cli import command_parser
 from ..errors import DataError, cli_main
-from .groups import ORDER, Group, RunRecord, applies, differing, find_runs, group_runs
+from .groups import ORDER, Group, RunRecord, applies, differing, find_runs, group_runs, scope
 from .outdir import check_own, marked, out_folder
 
 FILES = ("report.md", "report.csv", "report-curves.png")
@@ -68,16 +68,21 @@ def summarize(groups: list[Group], differ: list[str]) -> list[dict]:
     return table
 
 
+def wall(hours: float) -> str:
+    return f"{hours:.2f} h" if hours >= 1 else f"{60 * hours:.1f} min"
+
+
 def fmt(m, s, n) -> str:
     return "-" if m is None else f"{m:.2f} (n=1)" if n == 1 else f"{m:.2f} +- {s:.2f} (n={n})"
 
 
-def table_md(table: list[dict], common: dict, unreadable: list[str]) -> str:
+def table_md(table: list[dict], common: dict[str, str], unreadable: list[str]) -> str:
+    """common: {setting: "value" as shown}, the settings every row shares."""
     lines = ["# Runs: val top-1 (%)", ""]
     if common:
-        lines += ["Every row: " + "; ".join(show(k, v) for k, v in common.items()) + ".", ""]
+        lines += ["Every row: " + "; ".join(f"{k.replace('_', '-')} {v}" for k, v in common.items()) + ".", ""]
     lines += ["| run | settings that differ | status (seeds) | val top-1 %, best in the last generation | paper | "
-              "best over the whole run | final val | epochs | wall h (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+              "best over the whole run | final val | epochs | wall time (mean) |", "|---" * 9 + "|"]
     for r in table:
         paper = "-" if r["paper"] is None else f"{r['paper']:.2f}"
         if r["paper_note"]:
@@ -85,7 +90,8 @@ def table_md(table: list[dict], common: dict, unreadable: list[str]) -> str:
         lines.append(f"| {r['kind']} | {r['settings'] or '-'} | {r['status']} (seeds {r['seed_list']}) | "
                      f"{fmt(r['last_gen_best_mean'], r['last_gen_best_std'], r['last_gen_best_n'])} | {paper} | "
                      f"{fmt(r['run_best_mean'], r['run_best_std'], r['run_best_n'])} | "
-                     f"{fmt(r['final_mean'], r['final_std'], r['final_n'])} | {r['epochs']} | {r['wall_hours']:.2f} |")
+                     f"{fmt(r['final_mean'], r['final_std'], r['final_n'])} | {r['epochs']} | "
+                     f"{wall(r['wall_hours'])} |")
     lines += ["", "Rows are runs of one kind and one value of every setting that changes the result; only a row's "
               "runs are averaged: mean +- sample std over seeds (n = the seeds counted; no spread for one). The paper "
               "column compares with the best val top-1 within the last generation (the published code tracks the best "
@@ -221,7 +227,7 @@ def write_runs(runs: list[RunRecord], unreadable: list[str], out: Path | None) -
     groups = group_runs(runs)
     differ, common = differing(groups)
     table = summarize(groups, differ)
-    text = table_md(table, common, unreadable)
+    text = table_md(table, {k: f"{v}{scope(groups, k)}" for k, v in common.items()}, unreadable)
     print(text)
     if out is None:
         return
