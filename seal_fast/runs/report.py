@@ -31,10 +31,11 @@ from .groups import ORDER, Group, RunRecord, applies, differing, find_runs, grou
 from .outdir import check_own, marked, out_folder
 
 FILES = ("report.md", "report.csv", "report-curves.png")
-EXIT_CODES = ("exit codes: 0 the table (and page) written or printed, also when some runs are unreadable (they are "
-              "listed, on stderr and under the table); 2 bad input (a missing folder, --out naming a file, no readable "
-              "run, a study file that is not a study's output, a file of that name there that is not the report's "
-              "own); 1 a file could not be written (a full disk); 130 interrupted.")
+EXIT_CODES = ("exit codes: 0 the table (and page) written, or printed; also when some runs are unreadable (they are "
+              "listed, on stderr and under the table); 1 a file could not be written (a full disk); 2 bad input, "
+              "before anything is written: a missing folder, --out naming a file, no readable run, a study file that "
+              "is not a study's output, a file of the report's names there that it did not write; 3 is not used (it "
+              "is the trainer's non-finite loss); 130 interrupted.")
 
 
 def stats(values: list[float | None]) -> tuple[float | None, float | None, int]:

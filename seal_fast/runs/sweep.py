@@ -11,11 +11,15 @@ on 64x64 images leaves most of an H100/H200 idle, so packing runs is where a one
 CPU each process gets cores / K threads). A run's output goes to its folder's train.log. `--dry-run`
 lists the runs, their state and the projected GPU hours (from bench/results/train.csv when it holds a
 measured step time for this GPU, else "unknown"). Then `python -m seal_fast report OUT` makes the table.
+
+Before anything starts (the dry run included), every run's command line is parsed with the trainer's own parser and
+put through the trainer's own checks (seal_fast.preflight: values, presets, the data folder and its layout, the run
+folder and what it holds): a missing --data folder, an unknown flag or `--lr -1` is one line and exit 2, not a sweep
+of failed runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import subprocess
@@ -26,12 +30,21 @@ from pathlib import Path
 
 import torch
 
-from ..config import read_saved_config
-from ..errors import ConfigError, cli_main
+from ..cli import command_parser
+from ..config import Config, read_saved_config
+from ..errors import ConfigError, SealError, cli_main
+from ..preflight import check_train_argv
+from .outdir import out_folder
 
 KINDS = {"normal160": ["--method", "normal", "--generations", "1"], "normal": ["--method", "normal"],
          "llf": ["--method", "llf"], "seal": ["--method", "seal"]}
 ROOT = Path(__file__).resolve().parents[2]
+EXIT_CODES = ("exit codes: 0 every run finished (or, with --dry-run, every run passed the trainer's checks and the "
+              "plan was printed); 1 a run failed (the others still ran; its train.log says why; run the same command "
+              "again to retry it, finished runs are skipped); 2 bad input, found before anything started: a sweep "
+              "flag, a trainer flag or value, the data folder, --out naming a file; 3 every run that failed stopped "
+              "on a non-finite loss (lower --lr, or --amp off); 130 interrupted (run the same command again to "
+              "resume). Any other flag is passed to every `python -m seal_fast.train`.")
 
 
 @dataclass
@@ -40,6 +53,12 @@ class Run:
     seed: int
     folder: Path
     args: list[str]
+    cfg: Config | None = None  # what the trainer's checks returned for this run
+
+    @property
+    def argv(self) -> list[str]:
+        """The trainer's command line of this run (after `python -m seal_fast.train`)."""
+        return [*self.args, "--out", str(self.folder), "--resume", "auto"]
 
     @property
     def name(self) -> str:
@@ -58,17 +77,27 @@ class Run:
         return ("finished" if done >= planned else "partial"), done, planned
 
 
+def parser():
+    p = command_parser("sweep", __doc__.split("\n\n")[0], epilog=EXIT_CODES, allow_abbrev=False)
+    p.add_argument("--data", metavar="DIR",
+                   help="tiny-imagenet-200 folder (default: the built-in synthetic set, demo schedule)")
+    p.add_argument("--runs", default="normal160,normal,llf,seal", metavar="KINDS",
+                   help="comma-separated run kinds: normal160 (normal, 1 generation), normal, llf, seal "
+                        "(default: all four, the paper's table)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="the seeds each run kind is trained with, one run folder per (kind, seed) (default: 0)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="sweep folder (created if needed); each run in DIR/<kind>-s<seed>/")
+    p.add_argument("--jobs", type=int, default=1, metavar="K",
+                   help="runs trained at once (separate processes; default 1)")
+    p.add_argument("--threads-per-run", type=int, metavar="N", help="CPU threads of each run (default: cores / jobs)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every run as the trainer would, list the runs and the projected GPU hours, then exit")
+    return p
+
+
 def parse(argv: list[str] | None):
-    p = argparse.ArgumentParser(prog="python -m seal_fast sweep", description=__doc__.split("\n\n")[0],
-                                epilog="Any other flag is passed to every `python -m seal_fast.train`.")
-    p.add_argument("--data", help="tiny-imagenet-200 folder (default: the built-in synthetic set, demo schedule)")
-    p.add_argument("--runs", default="normal160,normal,llf,seal", help="comma-separated run kinds")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--out", required=True, metavar="DIR", help="sweep folder; each run in DIR/<kind>-s<seed>/")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (separate processes)")
-    p.add_argument("--threads-per-run", type=int, help="CPU threads of each run (default: cores / jobs)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and the projected GPU hours, then exit")
-    args, passthrough = p.parse_known_args(argv)
+    args, passthrough = parser().parse_known_args(argv)
     kinds = [k.strip() for k in args.runs.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
@@ -76,6 +105,8 @@ def parse(argv: list[str] | None):
                           f"choose from {', '.join(KINDS)}")
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: run at least 1 training at a time")
+    if args.threads_per_run is not None and args.threads_per_run < 1:
+        raise ConfigError(f"--threads-per-run {args.threads_per_run}: give each run at least 1 thread")
     owned = {"--method", "--seed", "--out", "--resume", "--data", "--dry-run"}  # --generations: normal160 keeps 1
     clash = sorted({a.split("=")[0] for a in passthrough if a.split("=")[0] in owned})
     if clash:
@@ -83,11 +114,21 @@ def parse(argv: list[str] | None):
                           "--data instead")
     if len(set(args.seeds)) != len(args.seeds):
         raise ConfigError("--seeds: a seed is listed twice")
-    out = Path(args.out)
+    out = out_folder(args.out, create=False)  # --out FILE or FILE/sub: one line, before anything
     data = ["--data", args.data] if args.data else []
     runs = [Run(k, s, out / f"{k}-s{s}", data + passthrough + KINDS[k] + ["--seed", str(s)])  # the kind's flags last
             for k in kinds for s in args.seeds]
     return args, runs
+
+
+def preflight(runs: list[Run]) -> None:
+    """Every run through the trainer's own parser and checks (writing nothing), before any starts: the first that
+    the trainer would refuse is one line naming the run, with the trainer's reason and exit code."""
+    for r in runs:
+        try:
+            r.cfg = check_train_argv(r.argv)
+        except SealError as exc:
+            raise type(exc)(f"{r.name}: {exc}") from None
 
 
 def measured_hours(device_name: str | None) -> tuple[float | None, str]:
@@ -111,17 +152,20 @@ def dry_run(runs: list[Run], jobs: int) -> int:
     total = 0.0
     for r in runs:
         state, done, planned = r.state()
-        epochs = 160 if r.kind == "normal160" else 1600  # the paper's schedule; flags may change it
+        epochs = r.cfg.generations * r.cfg.epochs  # as the trainer's checks resolved the flags
         share = (epochs - done) / 1600
         hours = per_1600 * share if per_1600 is not None else None
         total += hours or 0.0
-        left = f"{done}/{planned} epochs" if planned else "not started"
-        print(f"{r.name:14s} {state:9s} {left:18s} {r.folder}  " + (f"~{hours:.1f} GPU h" if hours is not None else ""))
+        left = f"{done}/{epochs} epochs"
+        print((f"{r.name:14s} {state:9s} {left:18s} {r.folder}  " + (f"~{hours:.1f} GPU h" if hours is not None
+                                                                     else "")).rstrip())
     if per_1600 is None:
         print(f"projected GPU hours: {source}")
     else:
-        print(f"projected GPU hours: {total:.1f} run one after another on {gpu} ({source}, the paper's schedule); "
-              f"--jobs {jobs} packs runs, its speed-up is measured on a GPU, not assumed here")
+        print(f"projected GPU hours: {total:.1f} run one after another on {gpu} ({source}: ResNet-50 at batch 32, "
+              f"scaled by each run's epochs); --jobs {jobs} packs runs, its speed-up is measured on a GPU, not assumed "
+              "here")
+    print(f"{len(runs)} runs passed the trainer's checks; nothing was started")
     return 0
 
 
@@ -129,7 +173,7 @@ def launch(run: Run, threads: int) -> subprocess.Popen:
     run.folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "seal_fast.train", *run.args, "--out", str(run.folder), "--resume", "auto"]
+    cmd = [sys.executable, "-m", "seal_fast.train", *run.argv]
     log = open(run.folder / "train.log", "a")
     log.write(f"\n$ {' '.join(cmd)}\n")
     log.flush()
@@ -140,16 +184,17 @@ def launch(run: Run, threads: int) -> subprocess.Popen:
 
 def run(argv: list[str] | None = None) -> int:
     args, runs = parse(argv)
+    preflight(runs)
     if args.dry_run:
         return dry_run(runs, args.jobs)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out_folder(args.out)
     threads = args.threads_per_run or max(1, (os.cpu_count() or 1) // args.jobs)
     todo = [r for r in runs if r.state()[0] != "finished"]
     skipped = len(runs) - len(todo)
     print(f"sweep {args.out}: {len(runs)} runs, {skipped} finished already, {len(todo)} to train, "
           f"{args.jobs} at a time ({threads} CPU threads each)", flush=True)
     running: list[tuple[Run, subprocess.Popen, float]] = []
-    failed: list[str] = []
+    failed: dict[str, int] = {}
     queue = list(todo)
     while queue or running:
         while queue and len(running) < args.jobs:
@@ -167,12 +212,12 @@ def run(argv: list[str] | None = None) -> int:
             if proc.returncode == 0:
                 print(f"done   {r.name} in {(time.time() - t0) / 60:.1f} min", flush=True)
             else:
-                failed.append(r.name)
+                failed[r.name] = proc.returncode
                 print(f"FAILED {r.name} (exit {proc.returncode}); see {r.folder / 'train.log'}", flush=True)
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and run the same command again "
               "(finished runs are skipped)", file=sys.stderr)
-        return 1
+        return 3 if set(failed.values()) == {3} else 1
     print(f"all {len(runs)} runs finished; the table: python -m seal_fast report {args.out}")
     return 0
 
