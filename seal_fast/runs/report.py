@@ -70,7 +70,7 @@ def summarize(groups: list[Group], differ: list[str]) -> list[dict]:
 
 
 def wall(hours: float) -> str:
-    return f"{hours:.2f} h" if hours >= 1 else f"{60 * hours:.1f} min"
+    return f"{hours:.2f} h" if hours >= 1 else f"{60 * hours:.1f} min" if hours >= 1 / 60 else f"{3600 * hours:.0f} s"
 
 
 def fmt(m, s, n) -> str:
