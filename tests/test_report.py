@@ -118,8 +118,8 @@ def test_a_repeated_seed_is_counted_once_and_said(tmp_path, capsys):
     assert row["seeds"] == "2" and float(row["last_gen_best_mean"]) == pytest.approx(55.0)
     md = (out / "report.md").read_text()
     assert "Repeated seeds, each counted once:" in md
-    assert f"seed 0 in {a} and {tmp_path / 'b' / 'seal-s0'}, counted once ({a})" in md
-    assert f"seed 0 {a} given twice" in md
+    assert f"seed 0: in {a} and {tmp_path / 'b' / 'seal-s0'}, counted once ({a})" in md
+    assert f"seed 0: {a} given twice, counted once" in md
 
 
 # ---- the paper's number ---------------------------------------------------------------------------

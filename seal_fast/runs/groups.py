@@ -82,7 +82,7 @@ class Group:
     finished: bool
     settings: dict
     runs: list[RunRecord]
-    repeats: list[str] = field(default_factory=list)    # "seed S in A and B, counted once (A)"
+    repeats: list[str] = field(default_factory=list)    # "seed S: in A and B, counted once (A)"
 
     @property
     def paper(self) -> tuple[float | None, str]:
@@ -218,9 +218,9 @@ def group_runs(runs: list[RunRecord]) -> list[Group]:
         g = groups.setdefault(key, Group(r.kind, r.finished, s, []))
         same = [x for x in g.runs if x.seed == r.seed]
         if same:
-            how = f"{r.folder} given twice" if same[0].folder.resolve() == r.folder.resolve() else \
+            how = f"{r.folder} given twice, counted once" if same[0].folder.resolve() == r.folder.resolve() else \
                 f"in {same[0].folder} and {r.folder}, counted once ({same[0].folder})"
-            g.repeats.append(f"seed {r.seed} {how}")
+            g.repeats.append(f"seed {r.seed}: {how}")
             continue
         g.runs.append(r)
     rank = {k: i for i, k in enumerate(ORDER)}
