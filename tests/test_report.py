@@ -276,3 +276,18 @@ def test_real_runs_on_other_batch_sizes_are_two_rows(tiny_data, tmp_path):
     assert [(r["kind"], r["seeds"], r["last_gen_best_std"]) for r in rows] == [("normal160", "1", "")] * 2
     assert sorted(r["settings"] for r in rows) == ["batch-size 16", "batch-size 8"]
     assert all(r["paper"] == "" and r["paper_note"].startswith("not the complete Tiny-ImageNet") for r in rows)
+
+
+def test_a_setting_an_older_run_did_not_record_counts_as_its_default(tmp_path):
+    """A run from before a setting existed trained as its default does: it shares a row with runs that record it."""
+    sw = tmp_path / "sweep"
+    fake_run(sw / "seal-s0", [0.7, 0.5], **short())
+    old = fake_run(sw / "seal-s1", [0.7, 0.6], **short(seed=1))
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["label_smoothing"], cfg["channels_last"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    fake_run(sw / "seal-s2", [0.7, 0.9], **short(seed=2, label_smoothing=0.0))   # recorded, not the default: apart
+    assert report.main([str(sw)]) == 0
+    rows = csv_rows(sw / "report.csv")
+    assert sorted((r["seed_list"], r["settings"]) for r in rows) == [("0 1", "label-smoothing 0.1"),
+                                                                     ("2", "label-smoothing 0.0")]

@@ -61,8 +61,10 @@ class RunRecord:
         return sum(r.get("seconds") or 0.0 for r in self.rows) / 3600
 
     def settings(self) -> dict:
-        """{setting: value} of everything that changes the result, the data set as its identity."""
-        s = {k: v for k, v in self.cfg.items() if k not in NOT_RESULT and k != "method"}
+        """{setting: value} of everything that changes the result, the data set as its identity. A setting the run's
+        config.json does not hold (one added to the trainer after the run) counts as its default, which is how the
+        run trained."""
+        s = {k: v for k, v in {**RECIPE.to_dict(), **self.cfg}.items() if k not in NOT_RESULT and k != "method"}
         if self.kind != "seal":
             for k in SEAL_ONLY:
                 s.pop(k, None)
