@@ -35,11 +35,12 @@ from tqdm import tqdm
 from seal_fast.kernels.knn import empty_topk, knn_topk, merge_topk, vote
 
 from .. import checkpoint
-from ..errors import ConfigError, DataError, cli_main
+from ..errors import ConfigError, DataError
 from .features import load_model
 from ..models import forward_probes, probe_names
 from ..precision import amp_dtype
-from ..runtime import default_workers, free_memory, make_out_folder, pick_device
+from ..runtime import default_workers, free_memory, pick_device
+from .command import open_output, report_written, require_checkpoints, study_main, study_parser
 
 # ----------------------------------------------------------------------------------------------
 # Probes on the model
@@ -293,8 +294,7 @@ def write_outputs(out: Path, results: list[Result], args) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m seal_fast depth",
-                                description="Per-layer KNN-probe accuracy and prediction depth of trained checkpoints.")
+    p = study_parser("depth", "Per-layer KNN-probe accuracy and prediction depth of trained checkpoints.")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="PT",
                    help="one or more last.pt / best.pt files (one line each in the plot)")
     p.add_argument("--data", metavar="DIR",
@@ -340,10 +340,8 @@ def run(argv: list[str] | None = None) -> int:
         if dtype is None:
             amp = False
             say(why)
-    for path in args.checkpoint:
-        if not Path(path).is_file():
-            raise ConfigError(f"--checkpoint {path}: no such file (a training run writes last.pt and best.pt)")
-    out = make_out_folder(args.out or f"runs/depth-{datetime.now():%Y%m%d-%H%M%S}")
+    require_checkpoints(args.checkpoint)
+    out = open_output(args.out, "depth")
 
     models = [load_model(p, device, channels_last=device.type == "cuda", trust=args.trust_checkpoint)
               for p in args.checkpoint]
@@ -372,12 +370,12 @@ def run(argv: list[str] | None = None) -> int:
         say(f"{label}: network top-1 {100 * r.final_acc:.1f}%, best probe {best} {100 * r.knn_acc[best]:.1f}%, "
             f"mean prediction depth {r.depth.float().mean():.2f} of {len(r.probes)}, {r.seconds:.1f} s")
     written = write_outputs(out, results, args)
-    say("wrote " + ", ".join(str(p) for p in written))
+    report_written(written)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(run, argv, "interrupted; nothing was written")
+    return study_main(run, argv)
 
 
 if __name__ == "__main__":

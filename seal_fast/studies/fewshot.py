@@ -51,9 +51,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError, cli_main
+from ..errors import ConfigError, DataError
 from .features import add_extraction_args
-from ..runtime import default_workers, free_memory, make_out_folder
+from ..runtime import default_workers, free_memory
+from .command import open_output, report_written, study_main, study_parser
 
 PRETRAIN_SIZE = 64
 PAPER_20SHOT = {"normal": {"EuroSAT": "81.52", "CropDisease": "87.43"},
@@ -250,8 +251,7 @@ def write_outputs(out: Path, rows: list[dict], protocol: dict) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     from ..data.folders import FEWSHOT_DATASETS
 
-    p = argparse.ArgumentParser(prog="python -m seal_fast fewshot",
-                                description="Episodic few-shot evaluation of frozen checkpoints (BSCD-FSL protocol).")
+    p = study_parser("fewshot", "Episodic few-shot evaluation of frozen checkpoints (BSCD-FSL protocol).")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="PT", help="last.pt / best.pt / gen<G>.pt files")
     p.add_argument("--dataset", nargs="+", required=True, metavar="NAME",
                    help=f"one or more of {', '.join(FEWSHOT_DATASETS)}, synthetic (a built-in demo set)")
@@ -315,7 +315,7 @@ def run(argv: list[str] | None = None) -> int:
             + (f"; {len(short)} classes with fewer than {max(shots) + args.queries} images sit out the "
                f"{max(shots)}-shot episodes" if short else ""))
 
-    out = make_out_folder(args.out or f"runs/fewshot-{datetime.now():%Y%m%d-%H%M%S}")
+    out = open_output(args.out, "fewshot")
     device, dtype, models, cache = setup(args, say)
     transform = Transform(args.image_size, args.resize or default_resize(args.image_size), square=True)
     workers = default_workers(args.workers)
@@ -382,12 +382,12 @@ def run(argv: list[str] | None = None) -> int:
         if r.get("paired"):
             say(f"{r['label']} minus {r['paired']['vs']} on {column(r)}: {r['paired']['diff']:+.2f} ± "
                 f"{r['paired']['ci95']:.2f} (paired, same episodes)")
-    say("wrote " + ", ".join(str(p) for p in written))
+    report_written(written)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(run, argv, "interrupted; nothing was written")
+    return study_main(run, argv)
 
 
 if __name__ == "__main__":

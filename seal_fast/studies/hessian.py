@@ -44,7 +44,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +52,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import checkpoint
-from ..errors import ConfigError, DataError, cli_main
-from ..runtime import free_memory, make_out_folder, pick_device
+from ..errors import ConfigError, DataError
+from ..runtime import free_memory, pick_device
+from .command import open_output, report_written, require_checkpoints, study_main, study_parser
 
 Hvp = Callable[[torch.Tensor], torch.Tensor]
 
@@ -428,8 +428,7 @@ def write_outputs(out: Path, results: list[Result], settings: dict) -> list[Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m seal_fast hessian",
-                                description="Top Hessian eigenvalues, trace and eigenvalue density (PyHessian's "
+    p = study_parser("hessian", "Top Hessian eigenvalues, trace and eigenvalue density (PyHessian's "
                                             "algorithms) of trained checkpoints.")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="PT",
                    help="one or more last.pt / best.pt / gen<G>.pt files (one line each in the plot)")
@@ -466,9 +465,7 @@ def check_args(args) -> None:
     for name in ("tol", "trace_tol"):
         if not getattr(args, name) >= 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
-    for path in args.checkpoint:
-        if not Path(path).is_file():
-            raise ConfigError(f"--checkpoint {path}: no such file (a training run writes last.pt and best.pt)")
+    require_checkpoints(args.checkpoint)
 
 
 def load_checkpoint(path: str, device: torch.device, trust: bool = False):
@@ -489,7 +486,7 @@ def run(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(args.seed)
-    out = make_out_folder(args.out or f"runs/hessian-{datetime.now():%Y%m%d-%H%M%S}")
+    out = open_output(args.out, "hessian")
 
     models = [load_checkpoint(p, device, trust=args.trust_checkpoint) for p in args.checkpoint]
     root = args.data or models[0][1].get("data")
@@ -543,12 +540,12 @@ def run(argv: list[str] | None = None) -> int:
             f"{r.products} Hessian-vector products, {r.seconds:.1f} s")
         del op, model
     written = write_outputs(out, results, settings)
-    say("wrote " + ", ".join(str(p) for p in written))
+    report_written(written)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(run, argv, "interrupted; nothing was written")
+    return study_main(run, argv)
 
 
 if __name__ == "__main__":

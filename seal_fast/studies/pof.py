@@ -31,14 +31,11 @@ curves.png; `--resume` continues exactly after a kill.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +43,11 @@ from tqdm import tqdm
 
 from .. import checkpoint
 from ..data import build_loaders
-from ..errors import ConfigError, DataError, cli_main
+from ..errors import ConfigError, DataError
 from .features import load_model
 from ..plots import plot_curves
-from ..runtime import default_workers, lock_folder, make_out_folder, pick_device
+from ..runtime import default_workers, lock_folder, pick_device
+from .command import open_output, require_checkpoints, study_main, study_parser
 
 
 @dataclass
@@ -161,7 +159,7 @@ def evaluate(model, loader) -> tuple[float, float]:
 
 def parse(argv: list[str] | None) -> tuple[PofConfig, bool, bool]:
     d = PofConfig(checkpoint="")
-    p = argparse.ArgumentParser(prog="python -m seal_fast pof", description=__doc__.split("\n\n")[0])
+    p = study_parser("pof", __doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a seal_fast last.pt / best.pt / gen<G>.pt to post-train")
     p.add_argument("--data", help="tiny-imagenet-200 folder (default: the one the checkpoint trained on)")
     p.add_argument("--out", help="output folder (default runs/pof-<time>)")
@@ -190,10 +188,9 @@ def parse(argv: list[str] | None) -> tuple[PofConfig, bool, bool]:
 def run(argv: list[str] | None = None) -> int:
     cfg, resume, trust = parse(argv)
     say = lambda msg: print(msg, flush=True)  # noqa: E731
-    if not Path(cfg.checkpoint).is_file():
-        raise ConfigError(f"--checkpoint {cfg.checkpoint}: no such file (a training run writes last.pt and best.pt)")
+    require_checkpoints([cfg.checkpoint])
     device = pick_device(cfg.device)
-    out = make_out_folder(cfg.out or f"runs/pof-{datetime.now():%Y%m%d-%H%M%S}")
+    out = open_output(cfg.out, "pof")
     lock = lock_folder(out)  # noqa: F841 - held until the process ends
     state = None
     if resume:
@@ -287,7 +284,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(run, argv, "interrupted; the last finished epoch is in last.pt: continue with --resume --out DIR")
+    return study_main(run, argv, "interrupted; the last finished epoch is in last.pt: continue with --resume --out DIR")
 
 
 if __name__ == "__main__":

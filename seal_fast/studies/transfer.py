@@ -50,9 +50,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..errors import ConfigError, DataError, cli_main
+from ..errors import ConfigError, DataError
 from .features import add_extraction_args
-from ..runtime import default_workers, make_out_folder, pick_device
+from ..runtime import default_workers, pick_device
+from .command import open_output, report_written, require_checkpoints, study_main, study_parser
 
 PRETRAIN_SIZE = 64
 DEFAULT_GRID = [10.0 ** (e / 2) for e in range(2, -13, -1)]  # 10^1 .. 10^-6, every half decade, largest first
@@ -410,8 +411,7 @@ def protocol_dict(args, transform, dtype, device, cache) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from ..data.folders import TRANSFER_DATASETS
 
-    p = argparse.ArgumentParser(prog="python -m seal_fast transfer",
-                                description="Linear probe of frozen checkpoints on other datasets (the SEAL paper's "
+    p = study_parser("transfer", "Linear probe of frozen checkpoints on other datasets (the SEAL paper's "
                                             "Table 1).")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="PT", help="last.pt / best.pt / gen<G>.pt files")
     p.add_argument("--dataset", nargs="+", required=True, metavar="NAME",
@@ -453,9 +453,7 @@ def check_common(args) -> None:
                           "before the center crop)")
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
-    for path in args.checkpoint:
-        if not Path(path).is_file():
-            raise ConfigError(f"--checkpoint {path}: no such file (a training run writes last.pt and best.pt)")
+    require_checkpoints(args.checkpoint)
 
 
 def setup(args, say):
@@ -494,7 +492,7 @@ def run(argv: list[str] | None = None) -> int:
         datasets.append(ds)
     if len({d.name for d in datasets}) != len(datasets):
         raise ConfigError("two --dataset entries have the same name; tell them apart with --name")
-    out = make_out_folder(args.out or f"runs/transfer-{datetime.now():%Y%m%d-%H%M%S}")
+    out = open_output(args.out, "transfer")
     device, dtype, models, cache = setup(args, say)
     transform = Transform(args.image_size, args.resize or default_resize(args.image_size))
     workers = default_workers(args.workers)
@@ -540,12 +538,12 @@ def run(argv: list[str] | None = None) -> int:
     if kept:
         say(f"kept {kept} result(s) of an earlier run in {out} (other checkpoints, datasets or sizes)")
     written = write_outputs(out, rows, protocol)
-    say("wrote " + ", ".join(str(p) for p in written))
+    report_written(written)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_main(run, argv, "interrupted; nothing was written")
+    return study_main(run, argv)
 
 
 if __name__ == "__main__":
