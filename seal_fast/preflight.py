@@ -17,6 +17,7 @@ from .config import DEMO_OVERRIDES, RESUME_FREE_KEYS, Config, make_config, valid
 from .data import LOADERS
 from .data.layout import scan_train, scan_val
 from .errors import ConfigError
+from .runtime import memory_fraction
 
 # flags that steer the command rather than the run (never part of the Config)
 COMMAND_FLAGS = ("resume", "dry_run", "preset", "summary", "trust_checkpoint")
@@ -168,6 +169,7 @@ def check_out(cfg: Config, resuming: bool) -> None:
 def check(argv: list[str] | None) -> Checked:
     """The trainer's checks, in the trainer's order; nothing is written. run() trains what this returns."""
     cfg, explicit, args = parse(argv)
+    memory_fraction()  # SEAL_FAST_CUDA_MEMORY_FRACTION, if set, is a number in (0, 1]
     dry_run = getattr(args, "dry_run", False)
     if getattr(args, "summary", False) and not dry_run:
         raise ConfigError("--summary goes with --dry-run (python -m seal_fast.train --dry-run --summary)")

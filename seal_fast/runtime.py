@@ -19,6 +19,36 @@ def pick_device(requested: str, local_rank: int = 0, world: int = 1) -> torch.de
     return torch.device(f"cuda:{local_rank}" if cuda and world > 1 else "cuda" if cuda else "cpu")
 
 
+MEMORY_FRACTION_VAR = "SEAL_FAST_CUDA_MEMORY_FRACTION"
+
+
+def memory_fraction(environ=None) -> float | None:
+    """SEAL_FAST_CUDA_MEMORY_FRACTION (runs packed on one GPU): None when unset or empty, else a number in (0, 1];
+    anything else is a ConfigError naming the variable."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(MEMORY_FRACTION_VAR, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:  # nan fails too
+        raise ConfigError(f"{MEMORY_FRACTION_VAR}={raw!r}: must be a number in (0, 1], the share of the GPU's memory "
+                          "this run may use; set it so, or unset it")
+    return value
+
+
+def apply_memory_fraction(device: torch.device) -> float | None:
+    """Cap this process's share of a CUDA device's memory when SEAL_FAST_CUDA_MEMORY_FRACTION is set (no-op on
+    a CPU). Returns the fraction applied."""
+    value = memory_fraction()
+    if value is None or device.type != "cuda":
+        return None
+    torch.cuda.set_per_process_memory_fraction(value, device)
+    return value
+
+
 def default_workers(requested: int) -> int:
     """--workers N, or (N < 0) one fewer than the CPU cores, at most 8."""
     return requested if requested >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))

@@ -36,6 +36,7 @@ from .plots import plot_curves
 from .preflight import build_parser, check  # noqa: F401  (build_parser: the trainer's parser, also from here)
 from .precision import amp_dtype
 from .runtime import (
+    apply_memory_fraction,
     default_workers,
     lock_folder,
     make_out_folder,
@@ -151,6 +152,7 @@ class Trainer:
     def __init__(self, cfg: Config, out: Path, say, dist: distributed.Dist = distributed.Dist()):
         self.cfg, self.out, self.say, self.dist = cfg, out, say, dist
         self.device = pick_device(cfg.device, dist.local_rank, dist.world)
+        apply_memory_fraction(self.device)  # SEAL_FAST_CUDA_MEMORY_FRACTION: several runs packed on one GPU
         cuda = self.device.type == "cuda"
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True

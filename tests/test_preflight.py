@@ -82,3 +82,48 @@ def test_the_trainer_answers_an_unknown_flag_with_the_same_line():
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.strip().splitlines() == [
         "error: unrecognized arguments: --no-such-flag (python -m seal_fast.train --help lists every flag)"]
+
+
+# ---- SEAL_FAST_CUDA_MEMORY_FRACTION (runs packed on one GPU) ----------------------------------------
+
+
+@pytest.mark.parametrize("raw, value", [("0.25", 0.25), ("1", 1.0), (" 0.5 ", 0.5), ("", None)])
+def test_memory_fraction_parses_a_share_of_the_gpu(raw, value):
+    from seal_fast.runtime import memory_fraction
+
+    assert memory_fraction({"SEAL_FAST_CUDA_MEMORY_FRACTION": raw}) == value
+    assert memory_fraction({}) is None
+
+
+@pytest.mark.parametrize("raw", ["0", "-0.1", "1.5", "nan", "inf", "half"])
+def test_a_bad_memory_fraction_is_one_line_naming_the_variable(raw, monkeypatch):
+    from seal_fast.runtime import memory_fraction
+
+    with pytest.raises(ConfigError, match="SEAL_FAST_CUDA_MEMORY_FRACTION"):
+        memory_fraction({"SEAL_FAST_CUDA_MEMORY_FRACTION": raw})
+    monkeypatch.setenv("SEAL_FAST_CUDA_MEMORY_FRACTION", raw)
+    with pytest.raises(ConfigError, match="SEAL_FAST_CUDA_MEMORY_FRACTION"):
+        check_train_argv(["--dry-run"])
+
+
+def test_the_memory_fraction_is_applied_to_a_cuda_device_only(monkeypatch):
+    import torch
+
+    from seal_fast import runtime
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda v, d: calls.append((v, d)))
+    monkeypatch.setenv("SEAL_FAST_CUDA_MEMORY_FRACTION", "0.3")
+    assert runtime.apply_memory_fraction(torch.device("cpu")) is None and calls == []
+    assert runtime.apply_memory_fraction(torch.device("cuda", 1)) == 0.3
+    assert calls == [(0.3, torch.device("cuda", 1))]
+    monkeypatch.delenv("SEAL_FAST_CUDA_MEMORY_FRACTION")
+    assert runtime.apply_memory_fraction(torch.device("cuda", 1)) is None and len(calls) == 1
+
+
+def test_the_trainer_exits_2_on_a_bad_memory_fraction():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SEAL_FAST_CUDA_MEMORY_FRACTION="2")
+    res = subprocess.run([sys.executable, "-m", "seal_fast.train", "--dry-run"], cwd=ROOT, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("error: SEAL_FAST_CUDA_MEMORY_FRACTION='2'")
