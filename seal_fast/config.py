@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -93,6 +94,9 @@ def make_config(explicit: dict, preset: str) -> Config:
         raise ConfigError(f"--preset {preset!r}: choose 'paper' or 'demo'")
     base = dict(DEMO_OVERRIDES) if preset == "demo" else {}
     base.update(explicit)
+    default_warmup = base.get("warmup", Config.warmup)
+    if "warmup" not in explicit and "epochs" in explicit and default_warmup > explicit["epochs"] >= 1:
+        base["warmup"] = explicit["epochs"]  # the preset's warm-up, cut to the generation asked for
     base["preset"] = preset
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = set(base) - names
@@ -114,11 +118,20 @@ def validate(cfg: Config) -> None:
     need(cfg.generations >= 1, f"--generations {cfg.generations}: need at least 1 generation")
     need(cfg.epochs >= 1, f"--epochs {cfg.epochs}: need at least 1 epoch per generation")
     need(cfg.ascent_epochs >= 0, f"--ascent-epochs {cfg.ascent_epochs}: cannot be negative")
-    need(cfg.method != "seal" or cfg.ascent_epochs < cfg.epochs,
+    need(cfg.method != "seal" or cfg.generations == 1 or cfg.ascent_epochs < cfg.epochs,
          f"--ascent-epochs {cfg.ascent_epochs} >= --epochs {cfg.epochs}: the ascent must end inside the "
-         "generation, leaving descent epochs")
+         "generation, leaving descent epochs")  # one generation never ascends: any ascent length is moot
     need(cfg.warmup >= 0, f"--warmup {cfg.warmup}: cannot be negative")
+    for flag, value in (("--lr", cfg.lr), ("--momentum", cfg.momentum), ("--weight-decay", cfg.weight_decay),
+                        ("--label-smoothing", cfg.label_smoothing), ("--ascent-lr-scale", cfg.ascent_lr_scale),
+                        ("--ascent-wd-scale", cfg.ascent_wd_scale)):
+        need(math.isfinite(value), f"{flag} {value}: must be a finite number")
     need(cfg.lr > 0, f"--lr {cfg.lr}: the peak learning rate must be positive (ascent is --ascent-lr-scale < 0)")
+    need(-1 <= cfg.ascent_lr_scale <= 1,
+         f"--ascent-lr-scale {cfg.ascent_lr_scale}: must lie in [-1, 1] (the early partition's lr during ascent is "
+         "lr x this; the recipe's -0.01 ascends at 1% of the lr)")
+    need(cfg.ascent_wd_scale <= 1, f"--ascent-wd-scale {cfg.ascent_wd_scale}: must lie in [0, 1] (the early "
+         "partition's weight decay during ascent is weight_decay x this; the recipe's is 0)")
     need(0 <= cfg.momentum < 1, f"--momentum {cfg.momentum}: must lie in [0, 1)")
     need(cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: cannot be negative")
     need(cfg.ascent_wd_scale >= 0, f"--ascent-wd-scale {cfg.ascent_wd_scale}: cannot be negative")

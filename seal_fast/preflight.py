@@ -15,16 +15,27 @@ from pathlib import Path
 from . import checkpoint
 from .config import DEMO_OVERRIDES, RESUME_FREE_KEYS, Config, make_config, validate
 from .data import LOADERS
-from .data.layout import scan_train, scan_val
-from .errors import ConfigError
+from .data.layout import read_wnids, scan_train, scan_val
+from .data.verify import CLASSES, TRAIN_PER_CLASS, VAL_IMAGES, check_counts
+from .errors import ConfigError, DataError, SealError
 from .runtime import memory_fraction
 
 # flags that steer the command rather than the run (never part of the Config)
-COMMAND_FLAGS = ("resume", "dry_run", "preset", "summary", "trust_checkpoint")
+COMMAND_FLAGS = ("resume", "dry_run", "preset", "summary", "trust_checkpoint", "partial_data", "plan_json")
 
 
 def _refuse_with_config_error(message: str):
     raise ConfigError(f"{message} (python -m seal_fast.train --help lists every flag)")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)  # a ValueError reads "invalid int value" (the __name__ below)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 or more (0 loads in the training process)")
+    return value
+
+
+_non_negative_int.__name__ = "int"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
            "(AVX512_BF16 / AMX / Arm BF16); other CPUs run fp32 and say so")
     a("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
     a("--device", choices=("auto", "cpu", "cuda"), help="training device (default auto)")
-    a("--workers", type=int, help="data-loader worker processes (default: from the CPU count)")
+    a("--workers", type=_non_negative_int, help="data-loader worker processes, 0 or more (default: from the CPU count)")
     a("--loader", choices=LOADERS,
       help="auto (default): the fastest available; torch: DataLoader + PIL; cache: decoded once into device "
            "memory; dali: NVIDIA DALI")
@@ -75,14 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
       help="SignedSGD's kernel: auto (default: Triton on a GPU, PyTorch ops on a CPU), triton, "
            "cuda (the native CUDA C++ kernel: build it first with `make cuda`) or torch")
     a("--preset", choices=("paper", "demo"),
-      help="defaults to start from (default: demo without --data, paper with --data or --dry-run)")
+      help="defaults to start from (default: demo without --data, paper with --data; the same for --dry-run)")
     a("--keep-generations", choices=("all", "none"),
       help="all (default, as published): gen<G>.pt at the end of every generation and SEAL's "
            "gen<G>-after-ascent.pt, for the studies; none: only last.pt and best.pt")
     a("--tensorboard", action="store_true", help="also write the epoch scalars for TensorBoard into --out/tb")
+    a("--partial-data", action="store_true",
+      help="let the paper preset's full recipe train on a folder that is not the whole Tiny-ImageNet")
     checkpoint.add_trust_flag(p)
-    a("--dry-run", action="store_true", help="print the plan, one JSON object per epoch, and exit")
-    a("--summary", action="store_true", help="with --dry-run: one readable line per generation instead of JSON")
+    a("--dry-run", action="store_true",
+      help="check everything, print the plan that would train (one readable line per generation) and exit")
+    a("--plan-json", metavar="FILE",
+      help="with --dry-run: also write the plan as JSON to FILE (the partitions named once, then one object per "
+           "epoch)")
+    a("--summary", action="store_true", help="with --dry-run: the readable plan (what --dry-run prints anyway)")
     return p
 
 
@@ -104,10 +121,12 @@ def parse(argv: list[str] | None) -> tuple[Config, dict, argparse.Namespace]:
     """(config, explicitly given settings, raw args). Flags the user did not give keep the preset's values."""
     args = build_parser().parse_args(argv)
     explicit = {k: v for k, v in vars(args).items() if k not in COMMAND_FLAGS}
-    dry_run = getattr(args, "dry_run", False)
-    preset = getattr(args, "preset", None) or ("demo" if explicit.get("data") is None and not dry_run else "paper")
+    preset = getattr(args, "preset", None) or ("demo" if explicit.get("data") is None else "paper")  # dry run or not
     cfg = make_config(explicit, preset)
     validate(cfg)
+    if "warmup" in explicit and cfg.warmup > cfg.epochs:
+        raise ConfigError(f"--warmup {cfg.warmup} > --epochs {cfg.epochs}: the warm-up is longer than a generation; "
+                          f"choose --warmup {cfg.epochs} or less")
     return cfg, explicit, args
 
 
@@ -125,7 +144,7 @@ def resolve_resume(args, cfg: Config, explicit: dict) -> tuple[Config, checkpoin
     folder = resume if isinstance(resume, str) else explicit.get("out")
     if not folder:
         raise ConfigError("--resume: name the run folder (--resume DIR, or --resume with --out DIR)")
-    ckpt = checkpoint.read(Path(folder) / "last.pt", resumable=True, trust=getattr(args, "trust_checkpoint", False))
+    ckpt = read_resumable(Path(folder), getattr(args, "trust_checkpoint", False))
     saved = dict(ckpt.config)
     differ = [f"{k}: run has {saved.get(k)!r}, command line says {v!r}" for k, v in explicit.items()
               if k not in RESUME_FREE_KEYS and saved.get(k) != v]
@@ -139,10 +158,67 @@ def resolve_resume(args, cfg: Config, explicit: dict) -> tuple[Config, checkpoin
     return cfg, ckpt
 
 
-def check_data(root: str) -> None:
+def read_resumable(folder: Path, trust: bool) -> checkpoint.RunState:
+    """folder/last.pt, or one line: the folder is missing, holds no last.pt, or its last.pt is damaged (then which
+    checkpoints there are intact, and what they allow)."""
+    if not folder.is_dir():
+        raise ConfigError(f"--resume {folder}: no such folder (a run's folder, as given to --out)")
+    try:
+        return checkpoint.read(folder / "last.pt", resumable=True, trust=trust)
+    except DataError:
+        raise  # a whole file of the wrong kind, or refused as untrusted: its own line says what to do
+    except SealError as exc:
+        if not (folder / "last.pt").is_file():
+            raise
+        raise SealError(f"{exc}; {intact_note(folder, trust)}") from None
+
+
+def intact_note(folder: Path, trust: bool) -> str:
+    """What is left in a run folder whose last.pt is damaged."""
+    intact = []
+    for path in [folder / "best.pt", *sorted(folder.glob("gen*.pt"))]:
+        try:
+            state = checkpoint.read(path, trust=trust)
+        except SealError:
+            continue
+        intact.append(f"{path.name} (after global epoch {state.next_epoch - 1})")
+    if not intact:
+        return f"no other intact checkpoint in {folder}: start a new run in another --out"
+    return (f"intact in {folder}: {', '.join(intact)}. They hold weights only (no momentum, RNG or loader state), "
+            "so no run can continue from them bit-identically and the trainer does not resume from them: the "
+            "studies read them as they are (python -m seal_fast depth CKPT ...); to train again, start a new run in "
+            "another --out")
+
+
+def data_shortfall(root: str, detail: bool = False) -> str | None:
+    """One line when `root` is not the whole Tiny-ImageNet (classes and images found vs expected; detail: and how
+    it falls short), else None."""
+    try:
+        problems = check_counts(root)
+        if not problems:
+            return None
+        found = (len(read_wnids(root)), len(scan_train(root).files), len(scan_val(root).files))
+    except DataError:
+        return None  # not a dataset at all: check_data names that
+    return (f"{root} is not the complete Tiny-ImageNet: {found[0]} classes, {found[1]} train / {found[2]} val images "
+            f"found; {CLASSES} classes, {CLASSES * TRAIN_PER_CLASS} train / {VAL_IMAGES} val expected"
+            + (f" ({'; '.join(problems)})" if detail else ""))
+
+
+def is_full_recipe(cfg: Config) -> bool:
+    """The paper preset's whole schedule (its 1,600 epochs), not a shortened run of it."""
+    return cfg.preset == "paper" and (cfg.generations, cfg.epochs) == (Config.generations, Config.epochs)
+
+
+def check_batch(cfg: Config, train_images: int) -> None:
+    if cfg.batch_size > train_images:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set ({train_images} images): "
+                          "no full batch to train on; choose a smaller --batch-size")
+
+
+def check_data(root: str) -> tuple:
     """The folder the loaders will read: the Tiny-ImageNet layout, every listed file there (DataError if not)."""
-    scan_train(root)
-    scan_val(root)
+    return len(scan_train(root).files), scan_val(root)
 
 
 def check_out(cfg: Config, resuming: bool) -> None:
@@ -172,13 +248,20 @@ def check(argv: list[str] | None) -> Checked:
     memory_fraction()  # SEAL_FAST_CUDA_MEMORY_FRACTION, if set, is a number in (0, 1]
     dry_run = getattr(args, "dry_run", False)
     if getattr(args, "summary", False) and not dry_run:
-        raise ConfigError("--summary goes with --dry-run (python -m seal_fast.train --dry-run --summary)")
+        raise ConfigError("--summary goes with --dry-run (python -m seal_fast.train --dry-run)")
+    if getattr(args, "plan_json", None) and not dry_run:
+        raise ConfigError("--plan-json goes with --dry-run (python -m seal_fast.train --dry-run --plan-json FILE)")
     if dry_run:
         return Checked(cfg, explicit, args)
     cfg, ckpt = resolve_resume(args, cfg, explicit)
     if cfg.data is not None:
-        check_data(cfg.data)
+        check_batch(cfg, check_data(cfg.data)[0])
     check_out(cfg, ckpt is not None)
+    short = data_shortfall(cfg.data) if cfg.data is not None and ckpt is None and is_full_recipe(cfg) else None
+    if short and not getattr(args, "partial_data", False):
+        raise ConfigError(f"{short}. The paper preset's full recipe refuses it: pass the whole set "
+                          f"(python -m seal_fast.data verify {cfg.data} lists what is missing), a shorter "
+                          "--generations / --epochs, or --partial-data to train on it anyway")
     return Checked(cfg, explicit, args, ckpt)
 
 

@@ -19,6 +19,7 @@ Faithful to the authors' code (amiiir-sarfi/SEAL core.py, utils/schedulers.py):
 
 from __future__ import annotations
 
+import json
 import math
 
 # (block kind, blocks per stage) of the torchvision ResNets the project knows.
@@ -104,6 +105,24 @@ def build_plan(cfg, names: list[str] | None = None) -> list[dict]:
                 ],
             })
     return plan
+
+
+def plan_json(cfg, plan: list[dict]) -> str:
+    """`--dry-run --plan-json FILE`: one JSON object, the partitions (and LLF's re-initialized tensors) named once,
+    then one line per epoch with the early / later lr and weight decay."""
+    early, later = (g["params"] for g in plan[0]["groups"])
+    reinit = next((p["reinit"] for p in plan if p["reinit"]), [])
+    head = {"method": cfg.method, "arch": cfg.arch, "threshold": cfg.threshold, "generations": cfg.generations,
+            "epochs": cfg.epochs, "partitions": {"early": early, "later": later}, "reinit_params": reinit}
+    rows = []
+    for p in plan:
+        groups = {g["name"]: g for g in p["groups"]}
+        rows.append(json.dumps({
+            "generation": p["generation"], "epoch": p["epoch"], "global_epoch": p["global_epoch"],
+            "phase": p["phase"], "reset_momentum": p["reset_momentum"], "reinit": bool(p["reinit"]),
+            "evaluate": p["evaluate"], "lr": {n: g["lr"] for n, g in groups.items()},
+            "weight_decay": {n: g["weight_decay"] for n, g in groups.items()}}))
+    return json.dumps(head)[:-1] + ', "plan": [\n' + ",\n".join(rows) + "\n]}\n"
 
 
 def describe(cfg, plan: list[dict]) -> str:

@@ -24,16 +24,14 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import Config
+from .config import DEMO_OVERRIDES, Config
 from .data import build_loaders
-from .data.layout import read_wnids
 from .data.synthetic import ensure_synthetic
-from .data.verify import CLASSES, check_counts
 from .errors import ConfigError, DataError, NonFiniteLossError, cli_main
 from .models import build_model, reinit_in_place
 from .optim import SignedSGD
 from .plots import plot_curves
-from .preflight import build_parser, check  # noqa: F401  (build_parser: the trainer's parser, also from here)
+from .preflight import build_parser, check, check_batch, data_shortfall  # noqa: F401  (build_parser: the trainer's parser, also from here)
 from .precision import amp_dtype
 from .runtime import (
     apply_memory_fraction,
@@ -43,7 +41,7 @@ from .runtime import (
     pick_device,
     provenance,
 )
-from .schedule import build_plan, describe, summary_lines
+from .schedule import build_plan, describe, plan_json, summary_lines
 from .step import EvalStep, TrainStep, graph_support
 from .tblog import TensorBoardLog
 
@@ -52,11 +50,18 @@ from .tblog import TensorBoardLog
 # ----------------------------------------------------------------------------------------------
 
 
-def print_plan(cfg: Config) -> None:
-    out = sys.stdout
-    for entry in build_plan(cfg):
-        out.write(json.dumps(entry) + "\n")
-    out.flush()
+def dry_run(cfg: Config, plan_file: str | None) -> int:
+    """--dry-run: the readable plan on stdout; with --plan-json FILE the per-epoch plan as JSON in FILE too."""
+    plan = build_plan(cfg)
+    print("\n".join(summary_lines(cfg, plan)))
+    if plan_file:
+        try:
+            Path(plan_file).write_text(plan_json(cfg, plan))
+        except OSError as exc:
+            raise ConfigError(f"--plan-json {plan_file}: cannot write there ({exc.strerror or exc}); choose a file "
+                              "in a folder you can write to") from None
+        print(f"wrote the per-epoch plan to {plan_file}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,15 +91,11 @@ def prepare_out(cfg: Config, resuming: bool) -> Path:
 
 
 def warn_if_partial(root: str, say) -> None:
-    """A folder whose wnids.txt lists Tiny-ImageNet's 200 classes but whose counts fall short (a partly unpacked
-    set) trains, but says so first, with the counts."""
-    try:
-        if len(read_wnids(root)) != CLASSES:
-            return
-    except DataError:
-        return  # the loaders report a broken layout with their own one-line errors
-    for problem in check_counts(root):
-        say(f"warning: {root} is not the complete Tiny-ImageNet: {problem} (python -m seal_fast.data verify {root})")
+    """A folder that is not the whole Tiny-ImageNet trains (the paper's full recipe only with --partial-data), but
+    says so first: one line, classes and images found vs expected."""
+    short = data_shortfall(root, detail=True)
+    if short:
+        say(f"warning: {short} (python -m seal_fast.data verify {root})")
 
 
 def resolve_dataset(cfg: Config, say) -> str:
@@ -162,6 +163,7 @@ class Trainer:
                                      cfg.channels_last, kind=cfg.loader, eval_batch_size=max(256, cfg.batch_size),
                                      rank=dist.rank, world=dist.world, progress=dist.main)
         self.data_root = root
+        check_batch(cfg, self.loaders.train.num_images * dist.world)  # the synthetic set, once it exists
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.arch, num_classes=len(self.loaders.classes))
         if dist.world > 1:
@@ -391,11 +393,7 @@ def run(argv: list[str] | None = None) -> int:
     checked = check(argv)  # every check before training (preflight.py), the same sweep --dry-run runs
     cfg, ckpt = checked.cfg, checked.ckpt
     if checked.dry_run:
-        if getattr(checked.args, "summary", False):
-            print("\n".join(summary_lines(cfg, build_plan(cfg))))
-        else:
-            print_plan(cfg)
-        return 0
+        return dry_run(cfg, getattr(checked.args, "plan_json", None))
     dist = distributed.init(cfg.device)
     try:
         return _train(cfg, ckpt, dist, argv)
@@ -432,9 +430,13 @@ def _train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist
         raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {dist.world} processes; the global batch "
                           f"is kept, so choose a multiple of {dist.world} (or another --nproc_per_node)")
     if cfg.data is None:
-        say("seal-fast: no --data given, so this trains on the built-in synthetic dataset (10 classes of coloured "
-            "shapes, 64x64, in the Tiny-ImageNet layout)")
-        if cfg.preset == "demo":
+        is_demo = cfg.preset == "demo" and all(getattr(cfg, k) == v for k, v in DEMO_OVERRIDES.items())
+        if not is_demo:
+            say(f"no --data given: the built-in synthetic dataset (10 classes of coloured shapes, 64x64) with the "
+                f"{cfg.preset} preset's schedule")
+        else:
+            say("seal-fast demo: no --data given, so this trains on the built-in synthetic dataset (10 classes of coloured "
+                "shapes, 64x64, in the Tiny-ImageNet layout)")
             say(f"demo schedule: {cfg.generations} generations x {cfg.epochs} epochs ({cfg.ascent_epochs} ascent "
                 f"epoch(s) at the start of every generation after the first, for SEAL), 2 to 4 minutes on a 2-core "
                 "CPU; "

@@ -25,7 +25,7 @@ def test_a_good_command_gives_the_config_and_writes_nothing(tiny_data, tmp_path)
     try:
         cfg = check_train_argv(["--data", str(tiny_data), "--method", "llf", "--arch", "resnet10", "--epochs", "3",
                                 "--out", str(tmp_path / "a" / "b")])
-        check_train_argv(["--data", str(tiny_data), "--arch", "resnet10"])
+        check_train_argv(["--data", str(tiny_data), "--arch", "resnet10", "--partial-data"])
     finally:
         os.chdir(cwd)
     assert isinstance(cfg, Config) and cfg.method == "llf" and cfg.epochs == 3 and cfg.preset == "paper"
@@ -39,6 +39,15 @@ def test_a_good_command_gives_the_config_and_writes_nothing(tiny_data, tmp_path)
     (["--method", "sgd"], "argument --method: invalid choice"),
     (["--lr", "-1"], "--lr -1.0"),
     (["--summary"], "--summary goes with --dry-run"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--ascent-lr-scale", "nan"], "--ascent-lr-scale nan: must be a finite number"),
+    (["--ascent-lr-scale=-inf"], "--ascent-lr-scale -inf: must be a finite number"),
+    (["--ascent-lr-scale", "-5"], "--ascent-lr-scale -5.0: must lie in [-1, 1]"),
+    (["--ascent-wd-scale", "inf"], "--ascent-wd-scale inf: must be a finite number"),
+    (["--ascent-wd-scale", "2"], "--ascent-wd-scale 2.0: must lie in [0, 1]"),
+    (["--workers", "-1"], "argument --workers: -1: must be 0 or more"),
+    (["--epochs", "4", "--warmup", "5"], "--warmup 5 > --epochs 4: the warm-up is longer than a generation"),
 ])
 def test_argparse_errors_and_bad_values_are_config_errors_not_system_exit(argv, words):
     with pytest.raises(ConfigError) as e:
@@ -68,11 +77,56 @@ def test_the_out_folder_is_checked_without_being_made(tiny_data, tmp_path):
         check_train_argv(["--data", str(tiny_data), "--out", str(blocker)])
 
 
+def test_seal_with_one_generation_never_ascends_so_any_ascent_length_is_accepted():
+    cfg = check_train_argv(["--epochs", "1", "--generations", "1", "--dry-run"])
+    assert (cfg.method, cfg.epochs, cfg.generations, cfg.warmup) == ("seal", 1, 1, 1)  # the preset's warm-up, cut
+    with pytest.raises(ConfigError, match="the ascent must end inside the generation"):
+        check_train_argv(["--epochs", "1", "--generations", "2", "--dry-run"])
+
+
+def test_a_batch_larger_than_the_training_set_is_refused(tiny_data):
+    n = 4 * 24  # tiny_data: 4 classes x 24 train images
+    check_train_argv(["--data", str(tiny_data), "--method", "normal", "--epochs", "2", "--batch-size", str(n)])
+    with pytest.raises(ConfigError, match=f"--batch-size {n + 1} is larger than the training set \\({n} images\\)"):
+        check_train_argv(["--data", str(tiny_data), "--method", "normal", "--epochs", "2", "--batch-size", str(n + 1)])
+
+
+def test_the_full_paper_recipe_refuses_a_partial_set_unless_told(tiny_data):
+    with pytest.raises(ConfigError) as e:
+        check_train_argv(["--data", str(tiny_data)])
+    line = str(e.value)
+    assert "4 classes, 96 train / 24 val images found; 200 classes, 100000 train / 10000 val expected" in line
+    assert "--partial-data" in line and "\n" not in line
+    assert check_train_argv(["--data", str(tiny_data), "--partial-data"]).epochs == 160
+    assert check_train_argv(["--data", str(tiny_data), "--method", "normal", "--epochs", "3"]).epochs == 3  # not the full recipe
+
+
+def test_resume_on_a_missing_folder_says_it_is_missing(tmp_path):
+    with pytest.raises(ConfigError, match="--resume .*nowhere: no such folder"):
+        check_train_argv(["--resume", str(tmp_path / "nowhere")])
+
+
 def test_resume_reads_the_folder_it_names(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SealError, match="cannot read this checkpoint"):
         check_train_argv(["--resume", str(tmp_path / "run")])
+
+
+def test_a_damaged_last_pt_names_the_intact_checkpoints_and_what_they_allow(tiny_data, tmp_path, cli):
+    out = tmp_path / "run"
+    res = cli("--data", tiny_data, "--out", out, "--arch", "resnet10", "--generations", "2", "--epochs", "1",
+              "--batch-size", "16", "--workers", "0", "--device", "cpu", "--method", "llf", "--eval-every", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    last = out / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated
+    (out / "gen1.pt").write_bytes(b"damaged too")
+    with pytest.raises(SealError) as e:
+        check_train_argv(["--resume", str(out)])
+    line = str(e.value)
+    assert "last.pt: cannot read this checkpoint" in line and "\n" not in line
+    assert "intact in" in line and "best.pt (after global epoch" in line and "gen0.pt (after global epoch 0)" in line
+    assert "gen1.pt" not in line and "not" in line and "bit-identically" in line
 
 
 def test_the_trainer_answers_an_unknown_flag_with_the_same_line():

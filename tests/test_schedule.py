@@ -7,6 +7,7 @@ import pytest
 
 from seal_fast.config import Config, validate
 from seal_fast.errors import ConfigError
+from seal_fast.preflight import check_train_argv
 from seal_fast.schedule import build_plan, llf_reinit_names, lr_at, param_names, split_partitions
 
 WD = 5e-4
@@ -132,22 +133,41 @@ def test_impossible_configs_are_refused(kw, words):
         validate(Config(**kw))
 
 
+def plan_from_json(path):
+    """The per-epoch plan of a --plan-json file, in build_plan's own shape (the partitions filled back in)."""
+    doc = json.loads(path.read_text())
+    parts = doc["partitions"]
+    return [{"generation": e["generation"], "epoch": e["epoch"], "global_epoch": e["global_epoch"],
+             "phase": e["phase"], "reset_momentum": e["reset_momentum"],
+             "reinit": list(doc["reinit_params"]) if e["reinit"] else [], "evaluate": e["evaluate"],
+             "groups": [{"name": n, "lr": e["lr"][n], "weight_decay": e["weight_decay"][n], "params": parts[n]}
+                        for n in ("early", "later")]} for e in doc["plan"]]
+
+
 @pytest.mark.parametrize("method", ["seal", "llf", "normal"])
-def test_dry_run_prints_the_plan(cli, method):
-    res = cli("--method", method, "--dry-run")
+def test_plan_json_holds_the_whole_plan_naming_each_partition_once(cli, method, tmp_path):
+    path = tmp_path / "plan.json"
+    res = cli("--method", method, "--preset", "paper", "--dry-run", "--plan-json", path)
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert len(lines) == 1600
-    assert [json.loads(line) for line in lines] == plan_for(method)
+    assert res.stdout.splitlines()[-1] == f"wrote the per-epoch plan to {path}"
+    assert plan_from_json(path) == [dict(e) for e in plan_for(method)]
+    text = path.read_text()
+    llf = method == "llf"  # LLF's re-initialized tensors are listed once more, in reinit_params
+    assert text.count('"layer3.0.conv1.weight"') == 1 + llf and text.count('"conv1.weight"') == 1  # named once
+    assert len(text.splitlines()) == 1 + 1600 + 1
 
 
-def test_dry_run_with_flags_and_demo_preset(cli):
-    res = cli("--method", "seal", "--generations", "3", "--epochs", "8", "--ascent-epochs", "2", "--dry-run")
-    plan = [json.loads(line) for line in res.stdout.splitlines()]
+def test_one_preset_rule_for_the_dry_run_and_the_run(cli, tmp_path):
+    res = cli("--method", "seal", "--generations", "3", "--epochs", "8", "--ascent-epochs", "2", "--dry-run",
+              "--plan-json", tmp_path / "a.json")
+    plan = plan_from_json(tmp_path / "a.json")
     assert len(plan) == 24 and [p["epoch"] for p in plan if p["phase"] == "ascent"] == [0, 1, 0, 1]
-    res = cli("--preset", "demo", "--dry-run")
-    plan = [json.loads(line) for line in res.stdout.splitlines()]
+    res = cli("--dry-run", "--plan-json", tmp_path / "b.json")  # no --data: the demo, as the run would train
+    plan = plan_from_json(tmp_path / "b.json")
     assert len(plan) == 8 and sum(p["phase"] == "ascent" for p in plan) == 1
+    assert res.stdout.startswith("plan: seal, 2 generation(s) x 4 epochs = 8 epochs")
+    assert check_train_argv(["--dry-run"]) == check_train_argv([])  # the same Config either way
+    assert check_train_argv(["--dry-run", "--preset", "paper"]).epochs == 160
 
 
 @pytest.mark.parametrize("args, words", [
@@ -156,14 +176,16 @@ def test_dry_run_with_flags_and_demo_preset(cli):
     (["--batch-size", "-4"], "--batch-size -4"),
 ])
 def test_cli_refuses_with_one_line(cli, args, words):
-    res = cli(*args, "--dry-run")
+    res = cli(*args, "--preset", "paper", "--dry-run")
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.startswith("error: ") and words in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
 
 
-def test_dry_run_summary_is_one_line_per_generation(cli):
-    res = cli("--dry-run", "--summary", "--method", "seal", "--generations", "3")
+def test_dry_run_prints_one_line_per_generation(cli):
+    res = cli("--dry-run", "--method", "seal", "--generations", "3", "--preset", "paper")
+    assert res.stdout == cli("--dry-run", "--summary", "--method", "seal", "--generations", "3",
+                             "--preset", "paper").stdout
     lines = res.stdout.splitlines()
     assert res.returncode == 0 and len(lines) == 4 and lines[0].startswith("plan: seal, 3 generation(s)")
     assert lines[1].startswith("generation 1: descent epochs 0-159") and "ascent" not in lines[1]
@@ -171,3 +193,5 @@ def test_dry_run_summary_is_one_line_per_generation(cli):
     assert "descent epochs 40-159" in lines[2] and "momentum reset at epoch(s) [0, 40]" in lines[2]
     res = cli("--summary")
     assert res.returncode == 2 and "--summary goes with --dry-run" in res.stderr
+    res = cli("--plan-json", "x.json")
+    assert res.returncode == 2 and "--plan-json goes with --dry-run" in res.stderr

@@ -226,3 +226,13 @@ def test_signed_sgd_and_torch_sgd_train_the_same_weights(cli, tiny_data, tmp_pat
     res = cli("--resume", a, "--optimizer", "torch")
     assert res.returncode == 0 and "resumed" in res.stdout and "at global epoch 2" in res.stdout, res.stderr
     assert final_state(a)[2] == 4
+
+
+def test_the_demo_banner_is_for_the_demo_only_and_a_batch_beyond_the_synthetic_set_is_refused(cli, tmp_path):
+    common = ("--arch", "resnet10", "--method", "normal", "--workers", "0", "--device", "cpu", "--batch-size", "5000")
+    res = cli("--preset", "paper", "--epochs", "2", "--out", tmp_path / "p", *common)
+    assert_clean_error(res, "--batch-size 5000 is larger than the training set (960 images)")
+    assert "demo" not in res.stdout and "with the paper preset's schedule" in res.stdout.splitlines()[0]
+    res = cli("--out", tmp_path / "d", *common)
+    assert_clean_error(res, "--batch-size 5000 is larger than the training set (960 images)")
+    assert res.stdout.startswith("seal-fast demo: no --data given") and "demo schedule: 2 generations x 4" in res.stdout
