@@ -48,6 +48,8 @@ class Config:
     preset: str = "paper"           # paper | demo: which defaults the values above started from
     keep_generations: str = "all"   # all | none: gen<G>.pt (and SEAL's gen<G>-after-ascent.pt) weights per generation
     tensorboard: bool = False       # also write the epoch scalars for TensorBoard (needs the tensorboard package)
+    log_every: int = 100            # on a non-terminal: a progress line every N steps (0: none)
+    quiet: bool = False             # print only warnings and the result (train.log still gets every line)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -60,7 +62,7 @@ DEMO_OVERRIDES = dict(generations=2, epochs=4, ascent_epochs=1, warmup=2, preset
 
 # Keys that may differ between a run and its resume without changing the science.
 RESUME_FREE_KEYS = ("out", "workers", "device", "preset", "optimizer", "sgd_backend", "loader", "cuda_graph",
-                    "keep_generations", "tensorboard")
+                    "keep_generations", "tensorboard", "log_every", "quiet")
 
 
 def read_json(path: str | os.PathLike, fix: str):
@@ -86,6 +88,45 @@ def read_saved_config(path: str | os.PathLike) -> dict:
     if not ok:
         raise DataError(f"{path}: not a run's settings (a JSON object with method, generations, epochs, seed); {fix}")
     return cfg
+
+
+def read_config_file(path: str) -> dict:
+    """--config FILE: settings by Config's names (a dash may stand for the underscore), YAML when PyYAML is
+    installed (safe_load: plain data only), else JSON. A run's own config.json is accepted: its provenance is
+    dropped, and so is its out (repeating a run writes a new folder; pass --out to choose it). Each value must
+    have its setting's type; a ConfigError names the file and the key otherwise."""
+    fix = "pass a YAML or JSON file of settings (python -m seal_fast.train --help names them)"
+    try:
+        import yaml
+    except ImportError:
+        yaml = None
+    if yaml is None or str(path).endswith(".json"):
+        data = read_json(path, fix)
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--config {path}: not readable YAML ({str(exc).splitlines()[0][:200]}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: holds no settings (expected a mapping of setting: value); {fix}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if "provenance" in data:  # a run's own config.json
+        data.pop("provenance")
+        data.pop("out", None)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; {fix}")
+    for key, value in data.items():
+        default = fields[key].default
+        kind = type(default) if default is not None else str
+        ok = (value is None and default is None) or (type(value) is kind) or (kind is float and type(value) is int)
+        if not ok:
+            raise ConfigError(f"--config {path}: {key}: {value!r} is not a {kind.__name__} (default {default!r})")
+        if kind is float:
+            data[key] = float(value)
+    return data
 
 
 def make_config(explicit: dict, preset: str) -> Config:
@@ -137,6 +178,7 @@ def validate(cfg: Config) -> None:
     need(cfg.ascent_wd_scale >= 0, f"--ascent-wd-scale {cfg.ascent_wd_scale}: cannot be negative")
     need(cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be a positive number of images")
     need(0 <= cfg.label_smoothing < 1, f"--label-smoothing {cfg.label_smoothing}: must lie in [0, 1)")
+    need(cfg.log_every >= 0, f"--log-every {cfg.log_every}: must be 0 (no progress lines) or more")
     need(cfg.eval_every >= 1, f"--eval-every {cfg.eval_every}: must be at least 1 epoch")
     need(cfg.device in ("auto", "cpu", "cuda"), f"--device {cfg.device!r}: choose auto, cpu or cuda")
     need(cfg.optimizer in ("signed", "torch"), f"--optimizer {cfg.optimizer!r}: choose signed or torch")

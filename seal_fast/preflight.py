@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint
-from .config import DEMO_OVERRIDES, RESUME_FREE_KEYS, Config, make_config, validate
+from .cli import command_parser
+from .config import DEMO_OVERRIDES, RESUME_FREE_KEYS, Config, make_config, read_config_file, validate
 from .data import LOADERS
 from .data.layout import read_wnids, scan_train, scan_val
 from .data.verify import CLASSES, TRAIN_PER_CLASS, VAL_IMAGES, check_counts
@@ -21,7 +22,7 @@ from .errors import ConfigError, DataError, SealError
 from .runtime import memory_fraction
 
 # flags that steer the command rather than the run (never part of the Config)
-COMMAND_FLAGS = ("resume", "dry_run", "preset", "summary", "trust_checkpoint", "partial_data", "plan_json")
+COMMAND_FLAGS = ("config", "resume", "dry_run", "preset", "summary", "trust_checkpoint", "partial_data", "plan_json")
 
 
 def _refuse_with_config_error(message: str):
@@ -41,12 +42,18 @@ _non_negative_int.__name__ = "int"
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's parser. Its errors raise ConfigError (one line, exit 2 through cli_main), never SystemExit."""
     d = Config()
-    p = argparse.ArgumentParser(
-        prog="python -m seal_fast.train", argument_default=argparse.SUPPRESS,
+    p = command_parser(
+        "train", module="seal_fast.train", argument_default=argparse.SUPPRESS,
         description="Train ResNet on Tiny-ImageNet with SEAL, LLF or normal training. Defaults are the "
-                    "paper's recipe; without --data it trains a demo schedule on a built-in synthetic set.")
+                    "paper's recipe; without --data it trains a demo schedule on a built-in synthetic set. "
+                    "Exit codes: 0 done, 1 an output could not be written or a checkpoint read, 2 a bad flag, "
+                    "value, data folder or checkpoint (nothing trained), 3 the loss became NaN or infinite, "
+                    "130 interrupted.")
     p.error = _refuse_with_config_error
     a = p.add_argument
+    a("--config", metavar="FILE",
+      help="take settings from FILE (YAML, or JSON; a run's own config.json repeats that run in a new folder); "
+           "flags given on the command line win")
     a("--method", choices=("seal", "llf", "normal"), help=f"training method (default {d.method})")
     a("--data", metavar="DIR", help="tiny-imagenet-200 folder (default: built-in synthetic data, demo schedule)")
     a("--out", metavar="DIR", help="output folder (default runs/<method>-s<seed>-<timestamp>, never shared)")
@@ -91,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="all (default, as published): gen<G>.pt at the end of every generation and SEAL's "
            "gen<G>-after-ascent.pt, for the studies; none: only last.pt and best.pt")
     a("--tensorboard", action="store_true", help="also write the epoch scalars for TensorBoard into --out/tb")
+    a("--log-every", type=int, metavar="N",
+      help=f"when the output is not a terminal (a log file), a progress line every N steps (default {d.log_every}; "
+           "0: none); a terminal gets a progress bar")
+    a("--quiet", action="store_true",
+      help="print only warnings, errors and the result; the folder's train.log still gets every line")
     a("--partial-data", action="store_true",
       help="let the paper preset's full recipe train on a folder that is not the whole Tiny-ImageNet")
     checkpoint.add_trust_flag(p)
@@ -121,6 +133,12 @@ def parse(argv: list[str] | None) -> tuple[Config, dict, argparse.Namespace]:
     """(config, explicitly given settings, raw args). Flags the user did not give keep the preset's values."""
     args = build_parser().parse_args(argv)
     explicit = {k: v for k, v in vars(args).items() if k not in COMMAND_FLAGS}
+    if getattr(args, "config", None):
+        from_file = read_config_file(args.config)
+        if "preset" in from_file and not hasattr(args, "preset"):
+            args.preset = from_file["preset"]
+        from_file.pop("preset", None)
+        explicit = {**from_file, **explicit}  # the command line wins
     preset = getattr(args, "preset", None) or ("demo" if explicit.get("data") is None else "paper")  # dry run or not
     cfg = make_config(explicit, preset)
     validate(cfg)

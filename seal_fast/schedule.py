@@ -1,10 +1,10 @@
 """The plan of a run: pure functions from a Config to one entry per epoch. No torch needed.
 
-Each entry (the --dry-run format, README 'The plan'):
-    {"generation": g, "epoch": e, "global_epoch": i, "phase": "ascent"|"descent",
-     "reset_momentum": bool, "reinit": [names], "evaluate": bool,
-     "groups": [{"name": "early"|"later", "lr": float, "weight_decay": float, "params": [names]}]}
-`lr` is signed (negative = gradient ascent). The trainer applies the entry at the start of its epoch:
+Each entry is an `Entry` (read by attribute: `entry.early.lr`, `entry.groups`):
+    Entry(generation=g, epoch=e, global_epoch=i, phase="ascent"|"descent", reset_momentum=bool,
+          reinit=(names), evaluate=bool, groups=(Group("early", lr, weight_decay, (names)), Group("later", ...)))
+`--dry-run --plan-json FILE` writes it as JSON (plan_json; docs/train.md, 'The plan'). `lr` is signed
+(negative = gradient ascent). The trainer applies the entry at the start of its epoch:
 re-initialize `reinit` in place, zero every momentum buffer if `reset_momentum`, then set each
 group's lr and weight decay; it validates after the epoch if `evaluate`.
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 # (block kind, blocks per stage) of the torchvision ResNets the project knows.
 _RESNETS = {
@@ -73,11 +75,47 @@ def lr_at(epoch: int, epochs: int, warmup: int, lr: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup))) * lr
 
 
-def build_plan(cfg, names: list[str] | None = None) -> list[dict]:
+class Group(NamedTuple):
+    """One parameter group of an epoch: its name, signed lr, weight decay and parameter names."""
+    name: str
+    lr: float
+    weight_decay: float
+    params: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One epoch of the plan."""
+    generation: int
+    epoch: int
+    global_epoch: int
+    phase: str                      # "ascent" | "descent"
+    reset_momentum: bool            # zero every momentum buffer before the epoch
+    reinit: tuple[str, ...]         # tensors LLF re-initializes before the epoch
+    evaluate: bool                  # validate after the epoch
+    groups: tuple[Group, Group]     # (early, later), in the optimizer's order
+
+    @property
+    def early(self) -> Group:
+        return self.groups[0]
+
+    @property
+    def later(self) -> Group:
+        return self.groups[1]
+
+    def to_dict(self) -> dict:
+        """The entry as plain data (lists for the names)."""
+        return {"generation": self.generation, "epoch": self.epoch, "global_epoch": self.global_epoch,
+                "phase": self.phase, "reset_momentum": self.reset_momentum, "reinit": list(self.reinit),
+                "evaluate": self.evaluate,
+                "groups": [dict(g._asdict(), params=list(g.params)) for g in self.groups]}
+
+
+def build_plan(cfg, names: list[str] | None = None) -> list[Entry]:
     """The whole run, one dict per epoch. `names` defaults to the architecture's parameter names."""
     names = list(names) if names is not None else param_names(cfg.arch)
-    early, later = split_partitions(names, cfg.threshold)
-    reinit_names = llf_reinit_names(later)
+    early, later = (tuple(part) for part in split_partitions(names, cfg.threshold))
+    reinit_names = tuple(llf_reinit_names(list(later)))
     seal = cfg.method == "seal"
     ascent_len = cfg.ascent_epochs if seal else 0
     eval_extra = 0 if cfg.method == "normal" else cfg.ascent_epochs
@@ -91,71 +129,62 @@ def build_plan(cfg, names: list[str] | None = None) -> list[dict]:
             else:
                 early_lr, early_wd = lr_e, cfg.weight_decay
             reset = e == 0 or (seal and g >= 1 and ascent_len > 0 and e == ascent_len)
-            plan.append({
-                "generation": g,
-                "epoch": e,
-                "global_epoch": g * cfg.epochs + e,
-                "phase": "ascent" if ascent else "descent",
-                "reset_momentum": reset,
-                "reinit": list(reinit_names) if (cfg.method == "llf" and g >= 1 and e == 0) else [],
-                "evaluate": (e + 1) % cfg.eval_every == 0 or e == eval_extra,
-                "groups": [
-                    {"name": "early", "lr": early_lr, "weight_decay": early_wd, "params": early},
-                    {"name": "later", "lr": lr_e, "weight_decay": cfg.weight_decay, "params": later},
-                ],
-            })
+            plan.append(Entry(
+                generation=g, epoch=e, global_epoch=g * cfg.epochs + e,
+                phase="ascent" if ascent else "descent",
+                reset_momentum=reset,
+                reinit=reinit_names if (cfg.method == "llf" and g >= 1 and e == 0) else (),
+                evaluate=(e + 1) % cfg.eval_every == 0 or e == eval_extra,
+                groups=(Group("early", early_lr, early_wd, early), Group("later", lr_e, cfg.weight_decay, later)),
+            ))
     return plan
 
 
-def plan_json(cfg, plan: list[dict]) -> str:
+def plan_json(cfg, plan: list[Entry]) -> str:
     """`--dry-run --plan-json FILE`: one JSON object, the partitions (and LLF's re-initialized tensors) named once,
     then one line per epoch with the early / later lr and weight decay."""
-    early, later = (g["params"] for g in plan[0]["groups"])
-    reinit = next((p["reinit"] for p in plan if p["reinit"]), [])
+    reinit = next((p.reinit for p in plan if p.reinit), ())
     head = {"method": cfg.method, "arch": cfg.arch, "threshold": cfg.threshold, "generations": cfg.generations,
-            "epochs": cfg.epochs, "partitions": {"early": early, "later": later}, "reinit_params": reinit}
-    rows = []
-    for p in plan:
-        groups = {g["name"]: g for g in p["groups"]}
-        rows.append(json.dumps({
-            "generation": p["generation"], "epoch": p["epoch"], "global_epoch": p["global_epoch"],
-            "phase": p["phase"], "reset_momentum": p["reset_momentum"], "reinit": bool(p["reinit"]),
-            "evaluate": p["evaluate"], "lr": {n: g["lr"] for n, g in groups.items()},
-            "weight_decay": {n: g["weight_decay"] for n, g in groups.items()}}))
+            "epochs": cfg.epochs, "partitions": {g.name: list(g.params) for g in plan[0].groups},
+            "reinit_params": list(reinit)}
+    rows = [json.dumps({
+        "generation": p.generation, "epoch": p.epoch, "global_epoch": p.global_epoch, "phase": p.phase,
+        "reset_momentum": p.reset_momentum, "reinit": bool(p.reinit), "evaluate": p.evaluate,
+        "lr": {g.name: g.lr for g in p.groups}, "weight_decay": {g.name: g.weight_decay for g in p.groups}})
+        for p in plan]
     return json.dumps(head)[:-1] + ', "plan": [\n' + ",\n".join(rows) + "\n]}\n"
 
 
-def describe(cfg, plan: list[dict]) -> str:
+def describe(cfg, plan: list[Entry]) -> str:
     """A few human lines summarizing a plan (printed at the start of a run)."""
-    early = plan[0]["groups"][0]["params"]
-    later = plan[0]["groups"][1]["params"]
-    ascent = sum(p["phase"] == "ascent" for p in plan)
-    resets = [p["global_epoch"] for p in plan if p["reset_momentum"]]
-    reinit = sum(bool(p["reinit"]) for p in plan)
+    early, later = plan[0].early.params, plan[0].later.params
+    ascent = sum(p.phase == "ascent" for p in plan)
+    resets = [p.global_epoch for p in plan if p.reset_momentum]
+    reinit = sum(bool(p.reinit) for p in plan)
     return (f"plan: {cfg.method}, {cfg.generations} generation(s) x {cfg.epochs} epochs = {len(plan)} epochs; "
             f"{len(early) + len(later)} tensors ({len(early)} early before '{cfg.threshold}', {len(later)} later); "
             f"{ascent} ascent epochs; momentum resets at epochs {resets[:12]}{' ...' if len(resets) > 12 else ''}; "
             f"{reinit} LLF re-initializations")
 
 
-def summary_lines(cfg, plan: list[dict]) -> list[str]:
-    """`--dry-run --summary`: the plan for a person, one line per generation (phases, lr range, resets, re-inits)."""
+def summary_lines(cfg, plan: list[Entry]) -> list[str]:
+    """`--dry-run`: the plan for a person, one line per generation (phases, lr range, resets, re-inits)."""
     lines = [describe(cfg, plan)]
     for g in range(cfg.generations):
-        gen = [p for p in plan if p["generation"] == g]
+        gen = [p for p in plan if p.generation == g]
         parts = []
         for phase in ("ascent", "descent"):
-            eps = [p for p in gen if p["phase"] == phase]
+            eps = [p for p in gen if p.phase == phase]
             if not eps:
                 continue
-            early = [p["groups"][0]["lr"] for p in eps]
-            later = [p["groups"][1]["lr"] for p in eps]
-            parts.append(f"{phase} epochs {eps[0]['epoch']}-{eps[-1]['epoch']} (early lr {min(early):+.4g}.."
-                         f"{max(early):+.4g} wd {eps[0]['groups'][0]['weight_decay']:g}, later lr "
+            early = [p.early.lr for p in eps]
+            later = [p.later.lr for p in eps]
+            parts.append(f"{phase} epochs {eps[0].epoch}-{eps[-1].epoch} (early lr {min(early):+.4g}.."
+                         f"{max(early):+.4g} wd {eps[0].early.weight_decay:g}, later lr "
                          f"{min(later):.4g}..{max(later):.4g})")
-        resets = [p["epoch"] for p in gen if p["reset_momentum"]]
-        reinit = sum(len(p["reinit"]) for p in gen)
-        evals = sum(p["evaluate"] for p in gen)
+        resets = [p.epoch for p in gen if p.reset_momentum]
+        reinit = sum(len(p.reinit) for p in gen)
+        evals = sum(p.evaluate for p in gen)
         lines.append(f"generation {g + 1}: " + "; ".join(parts) + f"; momentum reset at epoch(s) {resets}"
                      + (f"; {reinit} tensors re-initialized (LLF)" if reinit else "") + f"; {evals} evaluations")
     return lines

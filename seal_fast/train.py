@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -27,21 +25,16 @@ from . import checkpoint, distributed
 from .config import DEMO_OVERRIDES, Config
 from .data import build_loaders
 from .data.synthetic import ensure_synthetic
-from .errors import ConfigError, DataError, NonFiniteLossError, cli_main
+from .errors import ConfigError, NonFiniteLossError, SealError, cli_main, one_line
 from .models import build_model, reinit_in_place
 from .optim import SignedSGD
 from .plots import plot_curves
-from .preflight import build_parser, check, check_batch, data_shortfall  # noqa: F401  (build_parser: the trainer's parser, also from here)
+# build_parser: the trainer's parser, also importable from here
+from .preflight import build_parser, check, check_batch, data_shortfall  # noqa: F401
 from .precision import amp_dtype
-from .runtime import (
-    apply_memory_fraction,
-    default_workers,
-    lock_folder,
-    make_out_folder,
-    pick_device,
-    provenance,
-)
-from .schedule import build_plan, describe, plan_json, summary_lines
+from .rundir import Console, append_line, release_locks, rewrite_metrics, setup_out
+from .runtime import apply_memory_fraction, default_workers, pick_device, provenance
+from .schedule import Entry, build_plan, describe, plan_json, summary_lines
 from .step import EvalStep, TrainStep, graph_support
 from .tblog import TensorBoardLog
 
@@ -69,27 +62,6 @@ def dry_run(cfg: Config, plan_file: str | None) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def prepare_out(cfg: Config, resuming: bool) -> Path:
-    if cfg.out is None:  # a fresh folder per run: two runs started in the same second still get their own
-        base = Path("runs") / f"{cfg.method}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
-        for n in range(1, 1000):
-            candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
-            try:
-                candidate.mkdir(parents=True)
-                break
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise ConfigError(f"--out {candidate}: cannot write there ({exc.strerror or exc}); pass --out DIR "
-                                  "with a folder you can write to") from None
-        return make_out_folder(candidate)
-    out = make_out_folder(cfg.out)
-    if not resuming and (out / "last.pt").exists():
-        raise ConfigError(f"--out {out} already holds a run (last.pt): continue it with --resume {out}, "
-                          "or choose another --out")
-    return out
-
-
 def warn_if_partial(root: str, say) -> None:
     """A folder that is not the whole Tiny-ImageNet trains (the paper's full recipe only with --partial-data), but
     says so first: one line, classes and images found vs expected."""
@@ -113,7 +85,7 @@ def resolve_dataset(cfg: Config, say) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_optimizer(model, entry: dict, cfg: Config):
+def make_optimizer(model, entry: Entry, cfg: Config):
     """The optimizer for the plan's two groups (early, later), in plan order.
 
     Default: SignedSGD (seal_fast/optim.py), torch.optim.SGD's update for every group in one fused pass
@@ -122,7 +94,7 @@ def make_optimizer(model, entry: dict, cfg: Config):
     +lr and `apply_entry` sets the plan's signed values, as the authors' code does. Both keep their
     momentum in torch.optim.SGD's state_dict format, so a checkpoint resumes with either."""
     params = dict(model.named_parameters())
-    groups = [{"params": [params[n] for n in g["params"]], "name": g["name"]} for g in entry["groups"]]
+    groups = [{"params": [params[n] for n in g.params], "name": g.name} for g in entry.groups]
     kw = dict(lr=cfg.lr, momentum=cfg.momentum, dampening=0.0, weight_decay=cfg.weight_decay, nesterov=False)
     if cfg.optimizer == "torch":
         return torch.optim.SGD(groups, **kw)
@@ -132,16 +104,16 @@ def make_optimizer(model, entry: dict, cfg: Config):
         raise ConfigError(f"--sgd-backend {cfg.sgd_backend}: {exc}") from None
 
 
-def apply_entry(optimizer, entry: dict) -> None:
+def apply_entry(optimizer, entry: Entry) -> None:
     """Apply a plan entry at the start of its epoch: momentum reset, then signed lr and weight decay."""
-    if entry["reset_momentum"]:
+    if entry.reset_momentum:
         if isinstance(optimizer, SignedSGD):
             optimizer.reset_momentum()  # in place: buffers keep their storage
         else:
             optimizer.state.clear()  # == a new torch.optim.SGD: the next step starts each buffer at d_p
-    for group, planned in zip(optimizer.param_groups, entry["groups"]):
-        group["lr"] = planned["lr"]
-        group["weight_decay"] = planned["weight_decay"]
+    for group, planned in zip(optimizer.param_groups, entry.groups):
+        group["lr"] = planned.lr
+        group["weight_decay"] = planned.weight_decay
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +181,7 @@ class Trainer:
         self.next_epoch, self.best_val, self.history = ckpt.next_epoch, ckpt.best_val, list(ckpt.metrics)
 
     # -- steps ---------------------------------------------------------------------------------
-    def train_epoch(self, entry: dict) -> dict:
+    def train_epoch(self, entry: Entry) -> dict:
         """One epoch. The host reads the device only at the end of the epoch (and when a progress bar on a
         terminal refreshes): the loss of every step stays in a device buffer until then."""
         self.net.train()
@@ -219,9 +191,9 @@ class Trainer:
         sizes = torch.zeros(steps, device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         bar = tqdm(total=steps, disable=None if self.dist.main else True, leave=False, dynamic_ncols=True,
-                   file=sys.stderr, desc=f"gen {entry['generation']} ep {entry['epoch']} {entry['phase']}")
-        start = time.perf_counter()
-        for step, (images, labels) in enumerate(loader.epoch(entry["global_epoch"])):
+                   file=sys.stderr, desc=f"gen {entry.generation} ep {entry.epoch} {entry.phase}")
+        start, every = time.perf_counter(), self.cfg.log_every
+        for step, (images, labels) in enumerate(loader.epoch(entry.global_epoch)):
             loss, right = self.train_step(images, labels)
             losses[step] = loss
             sizes[step] = labels.shape[0]
@@ -232,6 +204,11 @@ class Trainer:
                 mean = float((losses[:step + 1] * sizes[:step + 1]).sum() / done)
                 bar.set_postfix_str(f"loss {mean:.3f}  {float(done) / (time.perf_counter() - start):.0f} img/s",
                                     refresh=False)
+            elif bar.disable and self.dist.main and every and (step + 1) % every == 0:  # a log file: a line per N
+                done = sizes[:step + 1].sum()
+                mean = float((losses[:step + 1] * sizes[:step + 1]).sum() / done)
+                self.say(f"  gen {entry.generation + 1} epoch {entry.epoch + 1} step {step + 1}/{steps}: "
+                         f"train loss {mean:.3f}, {float(done) / (time.perf_counter() - start):.0f} img/s")
         bar.close()
         bad = (~torch.isfinite(losses)).nonzero()
         if distributed.any_rank(len(bad) > 0, self.dist, self.device):
@@ -244,15 +221,15 @@ class Trainer:
         return {"train_loss": loss_sum / n, "train_acc": right / n, "images_per_s": n / seconds,
                 "train_seconds": seconds}
 
-    def _nonfinite_message(self, entry: dict, step: int | None, steps: int, value: float) -> str:
+    def _nonfinite_message(self, entry: Entry, step: int | None, steps: int, value: float) -> str:
         if getattr(self, "saver", None) is not None:
             self.saver.wait()  # the previous epoch's checkpoint, still being written
         last = self.out / "last.pt"
         kept = (f"{last} still holds the end of epoch {self.next_epoch - 1} (global)" if last.exists()
                 else "no checkpoint had been written yet")
         where = f"step {step} of {steps}" if step is not None else "a step of another rank"
-        return (f"the training loss became {value} at generation {entry['generation']}, epoch {entry['epoch']} "
-                f"(global epoch {entry['global_epoch']}), {where} ({entry['phase']} phase); "
+        return (f"the training loss became {value} at generation {entry.generation}, epoch {entry.epoch} "
+                f"(global epoch {entry.global_epoch}), {where} ({entry.phase} phase); "
                 f"stopped without saving the diverged weights: {kept}. Lower --lr or check the data, then "
                 "start a new run (or resume with the same settings to retry)")
 
@@ -288,19 +265,19 @@ class Trainer:
         finally:
             self.saver.wait()  # every checkpoint on disk before returning or reporting an error
 
-    def epoch(self, entry: dict) -> None:
+    def epoch(self, entry: Entry) -> None:
         """One plan entry: LLF re-init, the entry's lr / wd / momentum reset, train, evaluate, checkpoint, log."""
         cfg = self.cfg
-        if entry["reinit"]:
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + entry["generation"])
-            reinit_in_place(self.model, entry["reinit"], gen)
+        if entry.reinit:
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + entry.generation)
+            reinit_in_place(self.model, entry.reinit, gen)
         apply_entry(self.optimizer, entry)
         t0 = time.perf_counter()
-        row = {"generation": entry["generation"], "epoch": entry["epoch"], "global_epoch": entry["global_epoch"],
-               "phase": entry["phase"], "lr": {g["name"]: g["lr"] for g in entry["groups"]}}
+        row = {"generation": entry.generation, "epoch": entry.epoch, "global_epoch": entry.global_epoch,
+               "phase": entry.phase, "lr": {g.name: g.lr for g in entry.groups}}
         row.update(self.train_epoch(entry))
         row["val_loss"] = row["val_acc"] = row["val_top5"] = None
-        if entry["evaluate"]:
+        if entry.evaluate:
             row["val_loss"], row["val_acc"], row["val_top5"] = self.evaluate()
             improved = self.best_val is None or row["val_acc"] > self.best_val
             if improved:
@@ -310,27 +287,27 @@ class Trainer:
         row["best_val"] = self.best_val  # over the whole run so far
         # within this generation, as the published code tracks it: the paper's figure is the last generation's best
         gen_vals = [r["val_acc"] for r in self.history + [row]
-                    if r["generation"] == entry["generation"] and r["val_acc"] is not None]
+                    if r["generation"] == entry.generation and r["val_acc"] is not None]
         row["gen_best_val"] = max(gen_vals) if gen_vals else None
         row["gen_last_val"] = gen_vals[-1] if gen_vals else None
         row["seconds"] = time.perf_counter() - t0
         self.history.append(row)
-        self.next_epoch = entry["global_epoch"] + 1
+        self.next_epoch = entry.global_epoch + 1
         if self.dist.main:  # one writer; every rank holds the same weights
             # written behind the next epoch, in order, last.pt last: it records the epoch as done only once best.pt
             # and gen<G>.pt are on disk, so a kill or a full disk in between redoes the epoch and rewrites them
             if improved:
                 self._write_weights("best.pt", "best", self.best_val)
             if cfg.keep_generations == "all":
-                if entry["epoch"] == cfg.epochs - 1:
-                    self._write_weights(f"gen{entry['generation']}.pt", "generation", row["gen_last_val"])
-                if entry["phase"] == "ascent" and entry["epoch"] == cfg.ascent_epochs - 1:
-                    self._write_weights(f"gen{entry['generation']}-after-ascent.pt", "generation", row["val_acc"])
+                if entry.epoch == cfg.epochs - 1:
+                    self._write_weights(f"gen{entry.generation}.pt", "generation", row["gen_last_val"])
+                if entry.phase == "ascent" and entry.epoch == cfg.ascent_epochs - 1:
+                    self._write_weights(f"gen{entry.generation}-after-ascent.pt", "generation", row["val_acc"])
             checkpoint.write_last(self.state(), self.out, self.saver)
             append_line(self.out / "metrics.jsonl", json.dumps(row))
             if self.tensorboard is not None:
                 self.tensorboard.write(row)
-            if entry["epoch"] == cfg.epochs - 1:
+            if entry.epoch == cfg.epochs - 1:
                 plot_curves(self.history, self.out / "curves.png", title=f"{cfg.method} ({cfg.arch})")
         self.say(epoch_line(row, cfg))
 
@@ -363,26 +340,6 @@ def epoch_line(row: dict, cfg: Config) -> str:
             f"{row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s")
 
 
-def append_line(path: Path, line: str) -> None:
-    """Append one line; a failed write (a full disk) cuts the file back to where it was, so no half line stays."""
-    data = memoryview((line + "\n").encode())
-    with open(path, "ab", buffering=0) as f:
-        size = f.seek(0, os.SEEK_END)
-        try:
-            while data:
-                data = data[f.write(data):]
-        except OSError:
-            f.truncate(size)
-            raise
-
-
-def rewrite_metrics(out: Path, history: list[dict]) -> None:
-    """On resume: metrics.jsonl = exactly the epochs the checkpoint holds (drops a line written after it)."""
-    tmp = out / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, out / "metrics.jsonl")
-
-
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
@@ -398,34 +355,22 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return _train(cfg, ckpt, dist, argv)
     finally:
-        while _LOCKS:  # the output folder's lock (setup_out)
-            _LOCKS.pop().close()
+        release_locks()  # the output folder's lock (setup_out)
         distributed.shutdown()
 
 
-_LOCKS: list = []
-
-
-def setup_out(cfg: Config, resuming: bool, dist: distributed.Dist) -> Path:
-    """Rank 0 checks and creates the output folder; every rank gets its path (or its error)."""
-    out, error = None, None
-    if dist.main:
-        try:
-            out = prepare_out(cfg, resuming)
-            _LOCKS.append(lock_folder(out))  # held until run() returns, or the process dies
-        except ConfigError as exc:
-            error = str(exc)
-    out, error = distributed.broadcast((out, error), dist)
-    if error:
-        raise ConfigError(error)
-    return out
-
-
 def _train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist, argv: list[str] | None) -> int:
-    def say(msg: str) -> None:
-        if dist.main:
-            print(msg, flush=True)
+    say = Console(dist.main, cfg.quiet)
+    try:
+        return _train_logged(cfg, ckpt, dist, argv, say)
+    except SealError as exc:
+        say.record(f"error: {one_line(exc)}")  # cli_main prints it on stderr; train.log keeps it too
+        raise
+    finally:
+        say.close()
 
+
+def _train_logged(cfg: Config, ckpt, dist: distributed.Dist, argv: list[str] | None, say: Console) -> int:
     if cfg.batch_size % dist.world:
         raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {dist.world} processes; the global batch "
                           f"is kept, so choose a multiple of {dist.world} (or another --nproc_per_node)")
@@ -435,8 +380,8 @@ def _train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist
             say(f"no --data given: the built-in synthetic dataset (10 classes of coloured shapes, 64x64) with the "
                 f"{cfg.preset} preset's schedule")
         else:
-            say("seal-fast demo: no --data given, so this trains on the built-in synthetic dataset (10 classes of coloured "
-                "shapes, 64x64, in the Tiny-ImageNet layout)")
+            say("seal-fast demo: no --data given, so this trains on the built-in synthetic dataset (10 classes of "
+                "coloured shapes, 64x64, in the Tiny-ImageNet layout)")
             say(f"demo schedule: {cfg.generations} generations x {cfg.epochs} epochs ({cfg.ascent_epochs} ascent "
                 f"epoch(s) at the start of every generation after the first, for SEAL), 2 to 4 minutes on a 2-core "
                 "CPU; "
@@ -446,6 +391,7 @@ def _train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist
     if cfg.amp:  # in the first lines: on a CPU without native bf16, --amp runs fp32
         say(amp_dtype(pick_device(cfg.device, dist.local_rank, dist.world), True)[1])
     out = setup_out(cfg, ckpt is not None, dist)
+    say.attach(out)
     cfg = dataclasses.replace(cfg, out=str(out))
     trainer = Trainer(cfg, out, say, dist)
     if ckpt is not None:
@@ -477,9 +423,9 @@ def _train(cfg: Config, ckpt: checkpoint.RunState | None, dist: distributed.Dist
             f"last {pct(g['last_val'])}")
     if gens:
         say(f"done: val top-1 {pct(gens[-1]['best_val'])}, the best within the last generation (the paper's figure); "
-            f"best over the whole run {pct(trainer.best_val)}")
+            f"best over the whole run {pct(trainer.best_val)}", result=True)
     kept = ", gen<G>.pt" if cfg.keep_generations == "all" else ""
-    say(f"outputs: {out}/config.json, metrics.jsonl, last.pt, best.pt{kept}, curves.png")
+    say(f"outputs: {out}/config.json, metrics.jsonl, train.log, last.pt, best.pt{kept}, curves.png", result=True)
     return 0
 
 

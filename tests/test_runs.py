@@ -11,7 +11,8 @@ import torch
 
 from seal_fast import checkpoint, train
 from seal_fast.config import Config
-from seal_fast.train import prepare_out
+from seal_fast import rundir
+from seal_fast.rundir import prepare_out
 
 ARGS = ["--arch", "resnet10", "--generations", "2", "--epochs", "2", "--ascent-epochs", "1", "--warmup", "1",
         "--batch-size", "16", "--workers", "0", "--device", "cpu", "--eval-every", "1"]
@@ -87,8 +88,8 @@ def test_resume_auto_needs_out(capsys):
 
 def test_default_out_names_the_seed_and_is_never_shared(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    fixed = train.datetime(2026, 11, 28, 12, 0, 0)
-    monkeypatch.setattr(train, "datetime", types.SimpleNamespace(now=lambda: fixed))  # both in the same second
+    fixed = rundir.datetime(2026, 11, 28, 12, 0, 0)
+    monkeypatch.setattr(rundir, "datetime", types.SimpleNamespace(now=lambda: fixed))  # both in the same second
     cfg = Config(method="seal", seed=7)
     a, b = prepare_out(cfg, False), prepare_out(cfg, False)
     assert a.name == "seal-s7-20261128-120000" and b.name == "seal-s7-20261128-120000-2"

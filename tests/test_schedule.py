@@ -8,7 +8,7 @@ import pytest
 from seal_fast.config import Config, validate
 from seal_fast.errors import ConfigError
 from seal_fast.preflight import check_train_argv
-from seal_fast.schedule import build_plan, llf_reinit_names, lr_at, param_names, split_partitions
+from seal_fast.schedule import Entry, Group, build_plan, llf_reinit_names, lr_at, param_names, split_partitions
 
 WD = 5e-4
 
@@ -30,7 +30,22 @@ LLF_30 = (
 
 
 def plan_for(method, **kw):
-    return build_plan(Config(method=method, **kw))
+    """The plan as plain data (Entry.to_dict), so the recipe below reads like the JSON a user sees."""
+    return [e.to_dict() for e in build_plan(Config(method=method, **kw))]
+
+
+def test_plan_entries_are_typed_and_read_by_attribute():
+    plan = build_plan(Config(method="seal", generations=2, epochs=4, ascent_epochs=1, warmup=2))
+    assert all(isinstance(e, Entry) for e in plan)
+    e = plan[4]
+    assert (e.generation, e.epoch, e.global_epoch, e.phase, e.reset_momentum) == (1, 0, 4, "ascent", True)
+    assert e.groups == (e.early, e.later) and all(isinstance(g, Group) for g in e.groups)
+    assert e.early.name == "early" and e.early.lr == pytest.approx(-0.01 * 0.05) and e.later.lr == 0.05
+    assert e.early.params[-1] == "layer2.3.bn3.bias" and e.later.params[0] == "layer3.0.conv1.weight"
+    d = e.to_dict()
+    assert d["groups"][0]["lr"] == e.early.lr and d["groups"][1]["params"] == list(e.later.params)
+    with pytest.raises(AttributeError):
+        e.epoch = 3  # frozen: the plan is what runs
 
 
 def groups(entry):

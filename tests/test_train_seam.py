@@ -1,6 +1,7 @@
 """The optimizer seam applies the plan with torch.optim.SGD's exact semantics, and SEAL's ascent forgets."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from seal_fast.config import Config
 from seal_fast.data.cache_loader import CacheLoader
 from seal_fast.data.layout import scan_train
-from seal_fast.schedule import build_plan
+from seal_fast.schedule import Entry, Group, build_plan
 from seal_fast.train import Trainer, apply_entry, make_optimizer
 
 
@@ -21,29 +22,28 @@ def test_apply_entry_signed_lr_wd_and_reset_match_hand_written_sgd():
     early, later = names[:2], names[2:]
 
     def entry(early_lr, early_wd, later_lr, reset):
-        return {"reset_momentum": reset, "groups": [
-            {"name": "early", "lr": early_lr, "weight_decay": early_wd, "params": early},
-            {"name": "later", "lr": later_lr, "weight_decay": 0.01, "params": later}]}
+        return Entry(0, 0, 0, "descent", reset, (), False,
+                     (Group("early", early_lr, early_wd, tuple(early)), Group("later", later_lr, 0.01, tuple(later))))
 
     schedule = [entry(-0.001, 0.0, 0.1, True)] * 3 + [entry(0.05, 0.01, 0.05, True)] + [entry(0.05, 0.01, 0.05, False)] * 2
-    opt = make_optimizer(model, {"groups": schedule[0]["groups"]}, cfg)
+    opt = make_optimizer(model, schedule[0], cfg)
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     buf = {}
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     for e in schedule:
         apply_entry(opt, e)
-        if e["reset_momentum"]:
+        if e.reset_momentum:
             buf = {}
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
-        for g in e["groups"]:
-            for n in g["params"]:
-                d_p = grads[n] + g["weight_decay"] * ref[n]
+        for g in e.groups:
+            for n in g.params:
+                d_p = grads[n] + g.weight_decay * ref[n]
                 buf[n] = d_p.clone() if n not in buf else 0.9 * buf[n] + d_p
-                ref[n] = ref[n] - g["lr"] * buf[n]
+                ref[n] = ref[n] - g.lr * buf[n]
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.detach(), ref[n], rtol=0, atol=1e-6)
 
@@ -74,7 +74,7 @@ def _ascent_epoch(tiny_data, tmp_path, scale):
     plain = CacheLoader(scan_train(tiny_data), 96, train=False, seed=0, workers=0, device=tr.device)
     batches = list(plain.epoch(0))  # the training images without augmentation
     entry = tr.plan[3]
-    early = set(entry["groups"][0]["params"])
+    early = set(entry.early.params)
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     loss_before, grad = _train_mode_loss(tr.model, batches), _train_mode_loss(tr.model, batches, grad=True)
     apply_entry(tr.optimizer, entry)
@@ -102,7 +102,7 @@ def test_one_seal_ascent_epoch_forgets_in_early_layers_while_later_layers_descen
     the difference. The scale is -0.1 rather than the recipe's -0.01: one epoch at -0.01 on this tiny
     set raises the loss by ~0.1%, too close to rounding to assert; the direction checks hold at both."""
     entry, loss_before, loss_early_only, cos_early, cos_later = _ascent_epoch(tiny_data, tmp_path / "a", -0.1)
-    assert entry["phase"] == "ascent" and entry["groups"][0]["lr"] < 0 < entry["groups"][1]["lr"]
+    assert entry.phase == "ascent" and entry.early.lr < 0 < entry.later.lr
     assert loss_early_only > loss_before, (loss_before, loss_early_only)
     assert cos_early > 0.1, cos_early
     assert cos_later < -0.1, cos_later
@@ -116,8 +116,8 @@ def test_momentum_reset_equals_a_new_optimizer():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     names = [n for n, _ in model.named_parameters()]
-    e = {"reset_momentum": False, "groups": [{"name": "early", "lr": 0.1, "weight_decay": 0.0, "params": names[:1]},
-                                             {"name": "later", "lr": 0.1, "weight_decay": 0.0, "params": names[1:]}]}
+    e = Entry(0, 0, 0, "descent", False, (), False,
+              (Group("early", 0.1, 0.0, tuple(names[:1])), Group("later", 0.1, 0.0, tuple(names[1:]))))
     opt = make_optimizer(model, e, Config())
     for _ in range(3):
         opt.zero_grad()
@@ -126,7 +126,7 @@ def test_momentum_reset_equals_a_new_optimizer():
     twin = copy.deepcopy(model)
     fresh = make_optimizer(twin, e, Config())
     apply_entry(fresh, e)
-    apply_entry(opt, dict(e, reset_momentum=True))
+    apply_entry(opt, dataclasses.replace(e, reset_momentum=True))
     x = torch.randn(3, 4)
     for m, o in ((model, opt), (twin, fresh)):
         o.zero_grad()
