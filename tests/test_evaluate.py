@@ -120,6 +120,9 @@ def test_bad_values_and_help(fresh, capsys):
     assert text.startswith("usage: python -m seal_fast evaluate")
     for flag in ("--data", "--per-class-csv", "--batch-size", "--device", "--trust-checkpoint", "--version", "CKPT"):
         assert flag in text
+    from seal_fast.evaluate import build_parser
+
+    assert all(a.help for a in build_parser()._actions)
 
 
 def test_reachable_through_the_command_table(fresh):
