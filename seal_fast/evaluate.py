@@ -3,7 +3,8 @@
 Any checkpoint the trainer writes (last.pt, best.pt, gen<G>.pt, gen<G>-after-ascent.pt) is read as data only
 (checkpoint.read: a file whose pickle would run code is refused unless --trust-checkpoint). The val split is the
 one of --data, else the folder the run was trained on (its config.json's `data`), else the built-in synthetic set.
-Images go through the trainer's own val pipeline (no augmentation, the same normalisation), in fp32. One line of
+Images go through the trainer's own val pipeline (no augmentation, the same normalisation), in fp32 (--amp: the
+trainer's autocast). One line of
 result on stdout; --per-class-csv writes each class's accuracy.
 """
 
@@ -75,8 +76,12 @@ def resolve_data(data: str | None, config: dict) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, root: str, batch_size: int, device: torch.device, workers: int = 0) -> Result:
-    """Top-1 / top-5 and per-class counts of `model` over the val split of `root` (the trainer's val pipeline)."""
+def evaluate(model: torch.nn.Module, root: str, batch_size: int, device: torch.device, workers: int = 0,
+             amp_dtype: torch.dtype | None = None) -> Result:
+    """Top-1 / top-5 and per-class counts of `model` over the val split of `root` (the trainer's val pipeline), in
+    fp32, or under autocast to `amp_dtype` as the trainer evaluates with --amp."""
+    import contextlib
+
     from .data import build_eval_loaders
 
     loaders = build_eval_loaders(root, batch_size, workers, device, kind="torch")
@@ -90,7 +95,9 @@ def evaluate(model: torch.nn.Module, root: str, batch_size: int, device: torch.d
     seen = torch.zeros(len(classes), dtype=torch.int64)
     right5 = 0
     for images, labels in loaders.val.epoch(0):
-        logits = model(images).float()
+        cast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with cast:
+            logits = model(images).float()
         top = logits.topk(k, dim=1).indices.cpu()
         labels = labels.cpu()
         hit = top[:, 0] == labels
@@ -130,6 +137,9 @@ def build_parser():
                    help="where to run: auto (a GPU when one is visible), cpu or cuda (default auto)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="data-loader worker processes (default 0: decode in this process)")
+    p.add_argument("--amp", action="store_true",
+                   help="evaluate under the autocast the trainer's --amp uses on this device (bf16 where supported; "
+                        "default: fp32), to reproduce the val numbers of a run trained with --amp")
     checkpoint.add_trust_flag(p)
     return p
 
@@ -146,13 +156,16 @@ def run(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     model, state = load_checkpoint_model(args.checkpoint, device, trust=args.trust_checkpoint)
     root, source = resolve_data(args.data, state.config)
-    result = evaluate(model, root, args.batch_size, device, args.workers)
+    from .precision import amp_dtype
+
+    dtype, _ = amp_dtype(device, args.amp)
+    result = evaluate(model, root, args.batch_size, device, args.workers, dtype)
     if args.per_class_csv:
         write_per_class(result, args.per_class_csv)
     print(f"{args.checkpoint}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  on "
           f"{result.images} val images, {len(result.classes)} classes, of {root} ({source}); "
-          f"{state.config.get('method', '?')} {state.config.get('arch', '?')}, {state.kind}.pt after "
-          f"{state.next_epoch} epochs, fp32 on {device.type}")
+          f"{state.config.get('method', '?')} {state.config.get('arch', '?')}, {state.kind} checkpoint after "
+          f"{state.next_epoch} epochs, {str(dtype).replace('torch.', '') if dtype else 'fp32'} on {device.type}")
     if args.per_class_csv:
         print(f"wrote {args.per_class_csv}")
     return 0

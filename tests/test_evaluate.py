@@ -75,6 +75,9 @@ def test_a_network_that_always_answers_one_class(tiny_data, tmp_path, capsys):
     assert main([str(ckpt), "--device", "cpu", "--per-class-csv", str(csv_path)]) == 0
     assert result_line(capsys.readouterr().out) == (25.0, 100.0)
     assert [int(r["correct"]) for r in csv.DictReader(csv_path.open())] == [0, 0, 6, 0]
+    assert main([str(ckpt), "--device", "cpu", "--amp"]) == 0  # under the trainer's autocast: the same answer
+    out = capsys.readouterr().out
+    assert result_line(out) == (25.0, 100.0) and "generation checkpoint after 3 epochs" in out
 
 
 def test_data_flag_overrides_the_trained_folder(fresh, tiny_data, tmp_path, capsys):
@@ -130,4 +133,4 @@ def test_reachable_through_the_command_table(fresh):
     done = subprocess.run([sys.executable, "-m", "seal_fast", "evaluate", str(ckpt), "--device", "cpu"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "top-1" in done.stdout and "normal resnet10, best.pt after 3 epochs" in done.stdout
+    assert "top-1" in done.stdout and "normal resnet10, best checkpoint after 3 epochs" in done.stdout
