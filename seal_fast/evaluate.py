@@ -132,7 +132,7 @@ def build_parser():
     p.add_argument("--per-class-csv", metavar="FILE", default=None,
                    help="also write each class's accuracy to FILE (class, wnid, images, correct, top1)")
     p.add_argument("--batch-size", type=int, default=256, metavar="N",
-                   help="images per forward pass (default 256; changes the speed, not the numbers)")
+                   help="images per forward pass (default 256; sets speed and memory use)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run: auto (a GPU when one is visible), cpu or cuda (default auto)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
