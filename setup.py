@@ -32,6 +32,7 @@ setup(
         "seal-sweep=seal_fast.runs.sweep:main",
         "seal-report=seal_fast.runs.report:main",
         "seal-data=seal_fast.data.__main__:main",
+        "seal-evaluate=seal_fast.evaluate:main",
         "seal-pof=seal_fast.studies.pof:main",
         "seal-hessian=seal_fast.studies.hessian:main",
         "seal-transfer=seal_fast.studies.transfer:main",

@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "train": ("seal_fast.train", "train SEAL / LLF / normal on Tiny-ImageNet (also python -m seal_fast.train)"),
     "data": ("seal_fast.data.__main__", "verify a tiny-imagenet-200 folder, or unpack and verify the zip"),
+    "evaluate": ("seal_fast.evaluate", "top-1 / top-5 (and per-class accuracy) of a checkpoint on a val set"),
     "sweep": ("seal_fast.runs.sweep", "every (run kind, seed) of the paper's table, each in its own folder"),
     "report": ("seal_fast.runs.report", "the paper's table from run folders; --studies: the study page"),
     "depth": ("seal_fast.studies.depth", "KNN probes after every block and each sample's prediction depth"),

@@ -87,3 +87,29 @@ def test_trainer_warns_on_a_partial_200_class_set(tmp_path):
     said.clear()
     train.warn_if_partial(str(tmp_path / "nothing"), said.append)  # the loaders name a broken layout themselves
     assert said == []
+
+
+def test_cli_parser_names_the_script_and_helps_every_option(capsys):
+    from seal_fast.data.__main__ import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("seal-fast ")
+    for sub, words in (([], ["verify", "prepare", "--version"]), (["verify"], ["DIR", "wnids.txt"]),
+                       (["prepare"], ["ZIP", "--to", "md5"])):
+        with pytest.raises(SystemExit) as done:
+            main(sub + ["--help"])
+        text = capsys.readouterr().out
+        assert done.value.code == 0 and text.startswith("usage: python -m seal_fast data"), text
+        assert all(w in text for w in words), text
+    import argparse
+
+    from seal_fast.data.__main__ import build_parser
+
+    parser = build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    for p in [parser, *subs.choices.values()]:  # every positional and option of both subcommands has help text
+        assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
+    with pytest.raises(SystemExit) as done:
+        main(["verify"])
+    assert done.value.code == 2 and "DIR" in capsys.readouterr().err
