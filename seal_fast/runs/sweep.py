@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from ..config import Config, read_saved_config
 from ..errors import ConfigError, SealError, cli_main
 from ..preflight import check_train_argv
 from .outdir import out_folder
+from .packing import MPS, parse_gpus, slots
 
 KINDS = {"normal160": ["--method", "normal", "--generations", "1"], "normal": ["--method", "normal"],
          "llf": ["--method", "llf"], "seal": ["--method", "seal"]}
@@ -90,6 +92,11 @@ def parser():
                    help="sweep folder (created if needed); each run in DIR/<kind>-s<seed>/")
     p.add_argument("--jobs", type=int, default=1, metavar="K",
                    help="runs trained at once (separate processes; default 1)")
+    p.add_argument("--runs-per-gpu", type=int, metavar="K",
+                   help="pack K runs on each GPU (each capped at about 0.95/K of its memory, under NVIDIA MPS when "
+                        "nvidia-cuda-mps-control is there, else time-sliced); without a GPU, K runs share the CPU")
+    p.add_argument("--gpus", metavar="LIST",
+                   help="with --runs-per-gpu: the GPUs to pack, e.g. 0,1 (default: every visible GPU)")
     p.add_argument("--threads-per-run", type=int, metavar="N", help="CPU threads of each run (default: cores / jobs)")
     p.add_argument("--dry-run", action="store_true",
                    help="check every run as the trainer would, list the runs and the projected GPU hours, then exit")
@@ -105,6 +112,12 @@ def parse(argv: list[str] | None):
                           f"choose from {', '.join(KINDS)}")
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: run at least 1 training at a time")
+    if args.runs_per_gpu is not None and (args.runs_per_gpu < 1 or args.jobs != 1):
+        raise ConfigError(f"--runs-per-gpu {args.runs_per_gpu}: give K >= 1, and not with --jobs (K runs per GPU "
+                          "already sets how many train at once)")
+    if args.gpus is not None and args.runs_per_gpu is None:
+        raise ConfigError("--gpus: only with --runs-per-gpu K (say how many runs share each GPU)")
+    args.gpus = parse_gpus(args.gpus)
     if args.threads_per_run is not None and args.threads_per_run < 1:
         raise ConfigError(f"--threads-per-run {args.threads_per_run}: give each run at least 1 thread")
     owned = {"--method", "--seed", "--out", "--resume", "--data", "--dry-run"}  # --generations: normal160 keeps 1
@@ -169,46 +182,76 @@ def dry_run(runs: list[Run], jobs: int) -> int:
     return 0
 
 
-def launch(run: Run, threads: int) -> subprocess.Popen:
+def launch(run: Run, threads: int, slot: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start one run's trainer; `slot` is the environment of its packed slot (its GPU and memory share)."""
     run.folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(slot or {}),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "seal_fast.train", *run.argv]
     log = open(run.folder / "train.log", "a")
-    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.write(f"\n$ {' '.join(cmd)}\n" + (f"# slot: {' '.join(f'{k}={v}' for k, v in slot.items())}\n" if slot else ""))
     log.flush()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log = log  # closed when the run ends
     return proc
 
 
+def packed_slots(args, out: Path) -> tuple[list[dict[str, str] | None], MPS | None]:
+    """The slots the runs train in: `--jobs K` plain ones, or K per GPU with `--runs-per-gpu K` (MPS started)."""
+    if args.runs_per_gpu is None:
+        return [None] * args.jobs, None
+    gpus = args.gpus or [str(i) for i in range(torch.cuda.device_count())]
+    if not gpus:
+        print(f"--runs-per-gpu {args.runs_per_gpu}: no GPU here; {args.runs_per_gpu} runs share the CPU", flush=True)
+        return [None] * args.runs_per_gpu, None
+    mps = MPS(out)
+    on = mps.start()
+    return [dict(s, **mps.env) for s in slots(gpus, args.runs_per_gpu, on)], mps
+
+
+def _terminate(signum, frame):  # a killed sweep stops the way Ctrl-C does: MPS stopped, exit 130
+    raise KeyboardInterrupt
+
+
 def run(argv: list[str] | None = None) -> int:
     args, runs = parse(argv)
     preflight(runs)
     if args.dry_run:
-        return dry_run(runs, args.jobs)
-    out_folder(args.out)
-    threads = args.threads_per_run or max(1, (os.cpu_count() or 1) // args.jobs)
+        return dry_run(runs, args.jobs if args.runs_per_gpu is None else args.runs_per_gpu)
+    out = out_folder(args.out)
+    old = signal.signal(signal.SIGTERM, _terminate)
+    free, mps = packed_slots(args, out)
+    try:
+        return train_all(args, runs, free)
+    finally:
+        if mps is not None:
+            mps.stop()
+        signal.signal(signal.SIGTERM, old)
+
+
+def train_all(args, runs: list[Run], free: list[dict[str, str] | None]) -> int:
+    threads = args.threads_per_run or max(1, (os.cpu_count() or 1) // len(free))
     todo = [r for r in runs if r.state()[0] != "finished"]
     skipped = len(runs) - len(todo)
     print(f"sweep {args.out}: {len(runs)} runs, {skipped} finished already, {len(todo)} to train, "
-          f"{args.jobs} at a time ({threads} CPU threads each)", flush=True)
-    running: list[tuple[Run, subprocess.Popen, float]] = []
+          f"{len(free)} at a time ({threads} CPU threads each)", flush=True)
+    running: list[tuple[Run, subprocess.Popen, float, dict[str, str] | None]] = []
     failed: dict[str, int] = {}
     queue = list(todo)
     while queue or running:
-        while queue and len(running) < args.jobs:
-            r = queue.pop(0)
+        while queue and free:
+            r, slot = queue.pop(0), free.pop(0)
             state, done, planned = r.state()
             print(f"start  {r.name} ({'resuming at epoch ' + str(done) if state == 'partial' else 'new'})", flush=True)
-            running.append((r, launch(r, threads), time.time()))
+            running.append((r, launch(r, threads, slot), time.time(), slot))
         time.sleep(0.2)
         for item in list(running):
-            r, proc, t0 = item
+            r, proc, t0, slot = item
             if proc.poll() is None:
                 continue
             proc.log.close()
             running.remove(item)
+            free.append(slot)
             if proc.returncode == 0:
                 print(f"done   {r.name} in {(time.time() - t0) / 60:.1f} min", flush=True)
             else:
