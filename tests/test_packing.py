@@ -116,3 +116,45 @@ def test_two_packed_runs_equal_the_same_runs_alone(tiny_data, tmp_path):
         assert results(alone / run) == results(tmp_path / "packed" / run), run
         log = (tmp_path / "packed" / run / "train.log").read_text()
         assert "# slot: CUDA_VISIBLE_DEVICES=0 SEAL_FAST_CUDA_MEMORY_FRACTION=0.475" in log
+
+
+def dry(tiny_data, tmp_path, *flags):
+    return sweep.main(["--data", str(tiny_data), "--runs", "normal160,seal", "--seeds", "0", "--out",
+                       str(tmp_path / "s"), "--dry-run", *flags, *TRAIN])
+
+
+def test_dry_run_says_not_measured_without_a_row_for_the_device(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEAL_FAST_BENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(sweep, "device_name", lambda: "NVIDIA H200")
+    assert dry(tiny_data, tmp_path, "--runs-per-gpu", "4", "--gpus", "0") == 0
+    out = capsys.readouterr().out
+    assert "packed, 4 per GPU: not measured on NVIDIA H200" in out and "bench_pack.py --k 1 4" in out
+
+
+@pytest.mark.parametrize("gain", ["2.5", ""])
+def test_dry_run_projects_from_the_measured_packing(tiny_data, tmp_path, monkeypatch, capsys, gain):
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = ["device,k,batch,mps,aggregate_images_per_s,gain_vs_k1,date",
+            "NVIDIA H200,4,32,off,9,2.0,d1", f"NVIDIA H200,4,32,on,12,{gain},d2",
+            "NVIDIA H100,4,32,on,99999,9.0,d3", "NVIDIA H200,8,32,on,99999,9.0,d4"]
+    (results / "pack.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.setenv("SEAL_FAST_BENCH_RESULTS", str(results))
+    monkeypatch.setattr(sweep, "device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(sweep, "measured_hours", lambda gpu: (1600.0, "train.csv"))  # an hour an epoch
+    assert dry(tiny_data, tmp_path, "--runs-per-gpu", "4", "--gpus", "0,1") == 0
+    out = capsys.readouterr().out
+    epochs = 2 * 1 + 2 * 2  # normal160: 1 generation of 2 epochs; seal: 2 generations of 2
+    if gain:
+        hours = 1600.0 * epochs / 1600 / 2.5 / 2
+    else:  # no K = 1 row with it: the images left at the measured aggregate speed
+        hours = epochs * 100_000 / (12 * 2) / 3600
+    assert f"packed, 4 per GPU on 2 GPU(s): ~{hours:.1f} h" in out and "12 images/s summed over 4 runs, MPS on" in out
+
+
+def test_bench_pack_without_cuda_is_one_line_exit_2():
+    res = subprocess.run([sys.executable, "bench/bench_pack.py", "--k", "1", "2", "--mps", "off", "on", "--seconds",
+                          "1"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert res.returncode == 2 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "no CUDA" in res.stderr

@@ -10,6 +10,7 @@ the binary is absent or refuses, the sweep says so in one line and the runs time
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -99,3 +100,27 @@ class MPS:
         except (OSError, subprocess.TimeoutExpired) as exc:
             print(f"MPS: could not stop the daemon ({exc}); stop it with: echo quit | "
                   f"CUDA_MPS_PIPE_DIRECTORY={self.env['CUDA_MPS_PIPE_DIRECTORY']} {MPS_CONTROL}")
+
+
+def pack_csv() -> Path:
+    """bench/bench_pack.py's rows (or $SEAL_FAST_BENCH_RESULTS/pack.csv, as bench/utils.py writes them)."""
+    root = Path(__file__).resolve().parents[2] / "bench" / "results"
+    return Path(os.environ.get("SEAL_FAST_BENCH_RESULTS") or root) / "pack.csv"
+
+
+def measured_packing(device: str | None, k: int, batch: int = 32) -> dict | None:
+    """The best measured row of K packed runs at `batch` on `device` (MPS on or off, the last of each), with
+    float 'aggregate' and 'gain' (None when K = 1 was not measured with it); None when there is none."""
+    path = pack_csv()
+    if device is None or not path.exists():
+        return None
+    last: dict[str, dict] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r.get("device") == device and r.get("k") == str(k) and r.get("batch") == str(batch):
+                last[r.get("mps", "?")] = r
+    if not last:
+        return None
+    best = max(last.values(), key=lambda r: float(r["aggregate_images_per_s"]))
+    gain = best.get("gain_vs_k1") or ""
+    return dict(best, aggregate=float(best["aggregate_images_per_s"]), gain=float(gain) if gain else None)

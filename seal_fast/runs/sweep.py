@@ -36,11 +36,12 @@ from ..config import Config, read_saved_config
 from ..errors import ConfigError, SealError, cli_main
 from ..preflight import check_train_argv
 from .outdir import out_folder
-from .packing import MPS, parse_gpus, slots
+from .packing import MPS, measured_packing, pack_csv, parse_gpus, slots
 
 KINDS = {"normal160": ["--method", "normal", "--generations", "1"], "normal": ["--method", "normal"],
          "llf": ["--method", "llf"], "seal": ["--method", "seal"]}
 ROOT = Path(__file__).resolve().parents[2]
+REAL_TRAIN_IMAGES = 100_000  # Tiny-ImageNet's train split: what an epoch of the real table trains on
 EXIT_CODES = ("exit codes: 0 every run finished (or, with --dry-run, every run passed the trainer's checks and the "
               "plan was printed); 1 a run failed (the others still ran; its train.log says why; run the same command "
               "again to retry it, finished runs are skipped); 2 bad input, found before anything started: a sweep "
@@ -159,13 +160,18 @@ def measured_hours(device_name: str | None) -> tuple[float | None, str]:
     return float(rows[-1]["seal_schedule_hours"]), f"bench/results/train.csv ({rows[-1].get('date', '?')})"
 
 
-def dry_run(runs: list[Run], jobs: int) -> int:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+def device_name() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def dry_run(runs: list[Run], args) -> int:
+    gpu = device_name()
     per_1600, source = measured_hours(gpu)
-    total = 0.0
+    total, epochs_left = 0.0, 0
     for r in runs:
         state, done, planned = r.state()
         epochs = r.cfg.generations * r.cfg.epochs  # as the trainer's checks resolved the flags
+        epochs_left += epochs - done
         share = (epochs - done) / 1600
         hours = per_1600 * share if per_1600 is not None else None
         total += hours or 0.0
@@ -176,10 +182,29 @@ def dry_run(runs: list[Run], jobs: int) -> int:
         print(f"projected GPU hours: {source}")
     else:
         print(f"projected GPU hours: {total:.1f} run one after another on {gpu} ({source}: ResNet-50 at batch 32, "
-              f"scaled by each run's epochs); --jobs {jobs} packs runs, its speed-up is measured on a GPU, not assumed "
-              "here")
+              "scaled by each run's epochs)")
+    if args.runs_per_gpu is not None:
+        packed_projection(args, gpu, total if per_1600 is not None else None, epochs_left)
     print(f"{len(runs)} runs passed the trainer's checks; nothing was started")
     return 0
+
+
+def packed_projection(args, gpu: str | None, sequential_h: float | None, epochs_left: int) -> None:
+    """The hours with K runs per GPU, from bench/bench_pack.py's measured gain (never assumed)."""
+    k = args.runs_per_gpu
+    n = len(args.gpus) if args.gpus else max(1, torch.cuda.device_count())
+    m = measured_packing(gpu, k)
+    if m is None:
+        print(f"packed, {k} per GPU: not measured on {gpu or 'this machine (no GPU)'} (no row in {pack_csv()}); "
+              f"measure it: python bench/bench_pack.py --k 1 {k} --mps off on --seconds 30")
+        return
+    where = (f"{pack_csv().name} {m.get('date', '?')}: {m['aggregate']:.0f} images/s summed over {k} runs, MPS "
+             f"{m.get('mps', '?')}")
+    if sequential_h is not None and m["gain"]:
+        hours, how = sequential_h / m["gain"] / n, f"{m['gain']:.2f}x one run"
+    else:  # training steps only: the images left at the measured aggregate speed
+        hours, how = epochs_left * REAL_TRAIN_IMAGES / (m["aggregate"] * n) / 3600, "training steps only"
+    print(f"packed, {k} per GPU on {n} GPU(s): ~{hours:.1f} h ({where}; {how})")
 
 
 def launch(run: Run, threads: int, slot: dict[str, str] | None = None) -> subprocess.Popen:
@@ -217,7 +242,7 @@ def run(argv: list[str] | None = None) -> int:
     args, runs = parse(argv)
     preflight(runs)
     if args.dry_run:
-        return dry_run(runs, args.jobs if args.runs_per_gpu is None else args.runs_per_gpu)
+        return dry_run(runs, args)
     out = out_folder(args.out)
     old = signal.signal(signal.SIGTERM, _terminate)
     free, mps = packed_slots(args, out)
