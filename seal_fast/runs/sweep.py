@@ -99,6 +99,24 @@ def parser():
     p.add_argument("--gpus", metavar="LIST",
                    help="with --runs-per-gpu: the GPUs to pack, e.g. 0,1 (default: every visible GPU)")
     p.add_argument("--threads-per-run", type=int, metavar="N", help="CPU threads of each run (default: cores / jobs)")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: train here (default); slurm: one Slurm job per run through submitit, requeued on "
+                        "preemption / time limit and resumed exactly (docs/cluster.md)")
+    p.add_argument("--status", action="store_true",
+                   help="show each run's state (Slurm's and its folder's) in --out, start nothing")
+    s = p.add_argument_group("Slurm (--launcher slurm)")
+    s.add_argument("--partition", help="partition of the jobs")
+    s.add_argument("--account", help="account the jobs are charged to")
+    s.add_argument("--qos", help="quality of service of the jobs")
+    s.add_argument("--time", type=int, default=24 * 60, metavar="MIN",
+                   help="time limit of each job in minutes (default 1440); a run that outlasts it is requeued")
+    s.add_argument("--gpus-per-job", type=int, default=0, metavar="N", help="GPUs of each job (default 0: none asked)")
+    s.add_argument("--cpus-per-run", type=int, default=4, metavar="N", help="CPUs of each job (default 4)")
+    s.add_argument("--mem", metavar="SIZE", help="memory of each job, as sbatch's --mem (e.g. 32G)")
+    s.add_argument("--sbatch", action="append", metavar="NAME=VALUE",
+                   help="an extra #SBATCH option for every job, e.g. --sbatch constraint=h100 (repeatable)")
+    p.add_argument("--wait", action="store_true",
+                   help="with --launcher slurm: wait until every submitted job ends; exit codes as a local sweep")
     p.add_argument("--dry-run", action="store_true",
                    help="check every run as the trainer would, list the runs and the projected GPU hours, then exit")
     return p
@@ -116,6 +134,11 @@ def parse(argv: list[str] | None):
     if args.runs_per_gpu is not None and (args.runs_per_gpu < 1 or args.jobs != 1):
         raise ConfigError(f"--runs-per-gpu {args.runs_per_gpu}: give K >= 1, and not with --jobs (K runs per GPU "
                           "already sets how many train at once)")
+    if args.launcher == "slurm" and args.runs_per_gpu is not None:
+        raise ConfigError("--runs-per-gpu with --launcher slurm: not supported yet; submit one run per job "
+                          "(drop --runs-per-gpu) or pack runs on a local GPU")
+    if args.time < 1 or args.cpus_per_run < 1 or args.gpus_per_job < 0:
+        raise ConfigError("--time, --cpus-per-run: at least 1; --gpus-per-job: 0 or more")
     if args.gpus is not None and args.runs_per_gpu is None:
         raise ConfigError("--gpus: only with --runs-per-gpu K (say how many runs share each GPU)")
     args.gpus = parse_gpus(args.gpus)
@@ -234,6 +257,24 @@ def packed_slots(args, out: Path) -> tuple[list[dict[str, str] | None], MPS | No
     return [dict(s, **mps.env) for s in slots(gpus, args.runs_per_gpu, on)], mps
 
 
+def on_slurm(runs: list[Run], out: Path, args) -> int:
+    from .slurm import submit
+
+    jobs = submit(runs, out, args)
+    print(f"{len(jobs)} job(s) submitted; their states: python -m seal_fast sweep --out {out} --status ...", flush=True)
+    if not args.wait:
+        return 0
+    failed = []
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as exc:  # noqa: BLE001 - submitit raises the job's failure; one line each
+            failed.append(job.job_id)
+            print(f"FAILED job {job.job_id}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}",
+                  file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _terminate(signum, frame):  # a killed sweep stops the way Ctrl-C does: MPS stopped, exit 130
     raise KeyboardInterrupt
 
@@ -244,6 +285,11 @@ def run(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(runs, args)
     out = out_folder(args.out)
+    if args.status:
+        from .slurm import status
+        return status(runs, out)
+    if args.launcher == "slurm":
+        return on_slurm(runs, out, args)
     old = signal.signal(signal.SIGTERM, _terminate)
     free, mps = packed_slots(args, out)
     try:
