@@ -138,13 +138,18 @@ def slurm_cluster(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the single-node Slurm runs slurmd, which needs root")
     c = Cluster(Path(tempfile_dir(tmp_path_factory)))
-    c.seconds = c.start()
+    try:
+        c.seconds = c.start()
+    except RuntimeError:
+        shutil.rmtree(c.dir, ignore_errors=True)
+        raise
     old = {k: os.environ.get(k) for k in c.env}
     os.environ.update(c.env)  # submitit's sbatch / squeue / sacct calls find this cluster
     try:
         yield c
     finally:
         c.stop()
+        shutil.rmtree(c.dir, ignore_errors=True)  # a failed start quoted its logs in the error already
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
