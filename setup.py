@@ -19,6 +19,7 @@ setup(
         "matplotlib>=3.7",
         "pillow>=9.4",
         "scipy>=1.10",  # .mat files of Flowers102 / Stanford Dogs (transfer)
+        "submitit>=1.5",  # sweep --launcher slurm
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=1.40"],   # --loader dali (GPU JPEG decoding); CUDA 13 build

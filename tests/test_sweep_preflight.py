@@ -87,7 +87,7 @@ def test_exit_code_of_the_sweep_follows_its_runs(tiny_data, tmp_path, monkeypatc
     loss, 1 when any other failure, 0 when all finished."""
     exits = iter(codes)
 
-    def launch(run, threads):
+    def launch(run, threads, slot=None):
         run.folder.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen([sys.executable, "-c", f"import sys; sys.exit({next(exits)})"])
         proc.log = open(os.devnull, "w")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,10 +36,12 @@ from ..config import Config, read_saved_config
 from ..errors import ConfigError, SealError, cli_main
 from ..preflight import check_train_argv
 from .outdir import out_folder
+from .packing import MPS, measured_packing, pack_csv, parse_gpus, slots
 
 KINDS = {"normal160": ["--method", "normal", "--generations", "1"], "normal": ["--method", "normal"],
          "llf": ["--method", "llf"], "seal": ["--method", "seal"]}
 ROOT = Path(__file__).resolve().parents[2]
+REAL_TRAIN_IMAGES = 100_000  # Tiny-ImageNet's train split: what an epoch of the real table trains on
 EXIT_CODES = ("exit codes: 0 every run finished (or, with --dry-run, every run passed the trainer's checks and the "
               "plan was printed); 1 a run failed (the others still ran; its train.log says why; run the same command "
               "again to retry it, finished runs are skipped); 2 bad input, found before anything started: a sweep "
@@ -90,7 +93,30 @@ def parser():
                    help="sweep folder (created if needed); each run in DIR/<kind>-s<seed>/")
     p.add_argument("--jobs", type=int, default=1, metavar="K",
                    help="runs trained at once (separate processes; default 1)")
+    p.add_argument("--runs-per-gpu", type=int, metavar="K",
+                   help="pack K runs on each GPU (each capped at about 0.95/K of its memory, under NVIDIA MPS when "
+                        "nvidia-cuda-mps-control is there, else time-sliced); without a GPU, K runs share the CPU")
+    p.add_argument("--gpus", metavar="LIST",
+                   help="with --runs-per-gpu: the GPUs to pack, e.g. 0,1 (default: every visible GPU)")
     p.add_argument("--threads-per-run", type=int, metavar="N", help="CPU threads of each run (default: cores / jobs)")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: train here (default); slurm: one Slurm job per run through submitit, requeued on "
+                        "preemption / time limit and resumed exactly (docs/cluster.md)")
+    p.add_argument("--status", action="store_true",
+                   help="show each run's state (Slurm's and its folder's) in --out, start nothing")
+    s = p.add_argument_group("Slurm (--launcher slurm)")
+    s.add_argument("--partition", help="partition of the jobs")
+    s.add_argument("--account", help="account the jobs are charged to")
+    s.add_argument("--qos", help="quality of service of the jobs")
+    s.add_argument("--time", type=int, default=24 * 60, metavar="MIN",
+                   help="time limit of each job in minutes (default 1440); a run that outlasts it is requeued")
+    s.add_argument("--gpus-per-job", type=int, default=0, metavar="N", help="GPUs of each job (default 0: none asked)")
+    s.add_argument("--cpus-per-run", type=int, default=4, metavar="N", help="CPUs of each job (default 4)")
+    s.add_argument("--mem", metavar="SIZE", help="memory of each job, as sbatch's --mem (e.g. 32G)")
+    s.add_argument("--sbatch", action="append", metavar="NAME=VALUE",
+                   help="an extra #SBATCH option for every job, e.g. --sbatch constraint=h100 (repeatable)")
+    p.add_argument("--wait", action="store_true",
+                   help="with --launcher slurm: wait until every submitted job ends; exit codes as a local sweep")
     p.add_argument("--dry-run", action="store_true",
                    help="check every run as the trainer would, list the runs and the projected GPU hours, then exit")
     return p
@@ -105,6 +131,17 @@ def parse(argv: list[str] | None):
                           f"choose from {', '.join(KINDS)}")
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: run at least 1 training at a time")
+    if args.runs_per_gpu is not None and (args.runs_per_gpu < 1 or args.jobs != 1):
+        raise ConfigError(f"--runs-per-gpu {args.runs_per_gpu}: give K >= 1, and not with --jobs (K runs per GPU "
+                          "already sets how many train at once)")
+    if args.launcher == "slurm" and args.runs_per_gpu is not None:
+        raise ConfigError("--runs-per-gpu with --launcher slurm: not supported yet; submit one run per job "
+                          "(drop --runs-per-gpu) or pack runs on a local GPU")
+    if args.time < 1 or args.cpus_per_run < 1 or args.gpus_per_job < 0:
+        raise ConfigError("--time, --cpus-per-run: at least 1; --gpus-per-job: 0 or more")
+    if args.gpus is not None and args.runs_per_gpu is None:
+        raise ConfigError("--gpus: only with --runs-per-gpu K (say how many runs share each GPU)")
+    args.gpus = parse_gpus(args.gpus)
     if args.threads_per_run is not None and args.threads_per_run < 1:
         raise ConfigError(f"--threads-per-run {args.threads_per_run}: give each run at least 1 thread")
     owned = {"--method", "--seed", "--out", "--resume", "--data", "--dry-run"}  # --generations: normal160 keeps 1
@@ -146,13 +183,18 @@ def measured_hours(device_name: str | None) -> tuple[float | None, str]:
     return float(rows[-1]["seal_schedule_hours"]), f"bench/results/train.csv ({rows[-1].get('date', '?')})"
 
 
-def dry_run(runs: list[Run], jobs: int) -> int:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+def device_name() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def dry_run(runs: list[Run], args) -> int:
+    gpu = device_name()
     per_1600, source = measured_hours(gpu)
-    total = 0.0
+    total, epochs_left = 0.0, 0
     for r in runs:
         state, done, planned = r.state()
         epochs = r.cfg.generations * r.cfg.epochs  # as the trainer's checks resolved the flags
+        epochs_left += epochs - done
         share = (epochs - done) / 1600
         hours = per_1600 * share if per_1600 is not None else None
         total += hours or 0.0
@@ -163,52 +205,124 @@ def dry_run(runs: list[Run], jobs: int) -> int:
         print(f"projected GPU hours: {source}")
     else:
         print(f"projected GPU hours: {total:.1f} run one after another on {gpu} ({source}: ResNet-50 at batch 32, "
-              f"scaled by each run's epochs); --jobs {jobs} packs runs, its speed-up is measured on a GPU, not assumed "
-              "here")
+              "scaled by each run's epochs)")
+    if args.runs_per_gpu is not None:
+        packed_projection(args, gpu, total if per_1600 is not None else None, epochs_left)
     print(f"{len(runs)} runs passed the trainer's checks; nothing was started")
     return 0
 
 
-def launch(run: Run, threads: int) -> subprocess.Popen:
+def packed_projection(args, gpu: str | None, sequential_h: float | None, epochs_left: int) -> None:
+    """The hours with K runs per GPU, from bench/bench_pack.py's measured gain (never assumed)."""
+    k = args.runs_per_gpu
+    n = len(args.gpus) if args.gpus else max(1, torch.cuda.device_count())
+    m = measured_packing(gpu, k)
+    if m is None:
+        print(f"packed, {k} per GPU: not measured on {gpu or 'this machine (no GPU)'} (no row in {pack_csv()}); "
+              f"measure it: python bench/bench_pack.py --k 1 {k} --mps off on --seconds 30")
+        return
+    where = (f"{pack_csv().name} {m.get('date', '?')}: {m['aggregate']:.0f} images/s summed over {k} runs, MPS "
+             f"{m.get('mps', '?')}")
+    if sequential_h is not None and m["gain"]:
+        hours, how = sequential_h / m["gain"] / n, f"{m['gain']:.2f}x one run"
+    else:  # training steps only: the images left at the measured aggregate speed
+        hours, how = epochs_left * REAL_TRAIN_IMAGES / (m["aggregate"] * n) / 3600, "training steps only"
+    print(f"packed, {k} per GPU on {n} GPU(s): ~{hours:.1f} h ({where}; {how})")
+
+
+def launch(run: Run, threads: int, slot: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start one run's trainer; `slot` is the environment of its packed slot (its GPU and memory share)."""
     run.folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(slot or {}),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "seal_fast.train", *run.argv]
     log = open(run.folder / "train.log", "a")
-    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.write(f"\n$ {' '.join(cmd)}\n" + (f"# slot: {' '.join(f'{k}={v}' for k, v in slot.items())}\n" if slot else ""))
     log.flush()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log = log  # closed when the run ends
     return proc
 
 
+def packed_slots(args, out: Path) -> tuple[list[dict[str, str] | None], MPS | None]:
+    """The slots the runs train in: `--jobs K` plain ones, or K per GPU with `--runs-per-gpu K` (MPS started)."""
+    if args.runs_per_gpu is None:
+        return [None] * args.jobs, None
+    gpus = args.gpus or [str(i) for i in range(torch.cuda.device_count())]
+    if not gpus:
+        print(f"--runs-per-gpu {args.runs_per_gpu}: no GPU here; {args.runs_per_gpu} runs share the CPU", flush=True)
+        return [None] * args.runs_per_gpu, None
+    mps = MPS(out)
+    on = mps.start()
+    return [dict(s, **mps.env) for s in slots(gpus, args.runs_per_gpu, on)], mps
+
+
+def on_slurm(runs: list[Run], out: Path, args) -> int:
+    from .slurm import submit
+
+    jobs = submit(runs, out, args)
+    print(f"{len(jobs)} job(s) submitted; their states: python -m seal_fast sweep --out {out} --status ...", flush=True)
+    if not args.wait:
+        return 0
+    failed = []
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as exc:  # noqa: BLE001 - submitit raises the job's failure; one line each
+            failed.append(job.job_id)
+            print(f"FAILED job {job.job_id}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}",
+                  file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _terminate(signum, frame):  # a killed sweep stops the way Ctrl-C does: MPS stopped, exit 130
+    raise KeyboardInterrupt
+
+
 def run(argv: list[str] | None = None) -> int:
     args, runs = parse(argv)
     preflight(runs)
     if args.dry_run:
-        return dry_run(runs, args.jobs)
-    out_folder(args.out)
-    threads = args.threads_per_run or max(1, (os.cpu_count() or 1) // args.jobs)
+        return dry_run(runs, args)
+    out = out_folder(args.out)
+    if args.status:
+        from .slurm import status
+        return status(runs, out)
+    if args.launcher == "slurm":
+        return on_slurm(runs, out, args)
+    old = signal.signal(signal.SIGTERM, _terminate)
+    free, mps = packed_slots(args, out)
+    try:
+        return train_all(args, runs, free)
+    finally:
+        if mps is not None:
+            mps.stop()
+        signal.signal(signal.SIGTERM, old)
+
+
+def train_all(args, runs: list[Run], free: list[dict[str, str] | None]) -> int:
+    threads = args.threads_per_run or max(1, (os.cpu_count() or 1) // len(free))
     todo = [r for r in runs if r.state()[0] != "finished"]
     skipped = len(runs) - len(todo)
     print(f"sweep {args.out}: {len(runs)} runs, {skipped} finished already, {len(todo)} to train, "
-          f"{args.jobs} at a time ({threads} CPU threads each)", flush=True)
-    running: list[tuple[Run, subprocess.Popen, float]] = []
+          f"{len(free)} at a time ({threads} CPU threads each)", flush=True)
+    running: list[tuple[Run, subprocess.Popen, float, dict[str, str] | None]] = []
     failed: dict[str, int] = {}
     queue = list(todo)
     while queue or running:
-        while queue and len(running) < args.jobs:
-            r = queue.pop(0)
+        while queue and free:
+            r, slot = queue.pop(0), free.pop(0)
             state, done, planned = r.state()
             print(f"start  {r.name} ({'resuming at epoch ' + str(done) if state == 'partial' else 'new'})", flush=True)
-            running.append((r, launch(r, threads), time.time()))
+            running.append((r, launch(r, threads, slot), time.time(), slot))
         time.sleep(0.2)
         for item in list(running):
-            r, proc, t0 = item
+            r, proc, t0, slot = item
             if proc.poll() is None:
                 continue
             proc.log.close()
             running.remove(item)
+            free.append(slot)
             if proc.returncode == 0:
                 print(f"done   {r.name} in {(time.time() - t0) / 60:.1f} min", flush=True)
             else:
