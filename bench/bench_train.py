@@ -93,7 +93,7 @@ def measure(root: str, setup: str, batch: int, epochs: int, workers: int, out: P
     write_s = time.perf_counter() - t
     phase("evaluation and checkpoint")
     ms = statistics.median(per_step)
-    n_eval = sum(e["evaluate"] for e in build_plan(Config(method="seal")))
+    n_eval = sum(e.evaluate for e in build_plan(Config(method="seal")))
     per_image_eval = eval_s / tr.loaders.val.num_images
     epoch_s = REAL_TRAIN / batch * ms / 1e3
     save_s = snap_s + max(0.0, write_s - epoch_s)  # the write only costs time if it outlasts an epoch

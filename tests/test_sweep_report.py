@@ -77,7 +77,7 @@ def test_a_killed_sweep_resumes_and_ends_where_an_uninterrupted_one_does(sequent
 
 def test_dry_run_lists_runs_and_says_hours_are_unknown_without_a_measurement(sequential, tiny_data, capsys):
     assert sweep.main(["--data", str(tiny_data), "--runs", "normal160,seal", "--seeds", "0", "1", "--out",
-                       str(sequential), "--dry-run"]) == 0
+                       str(sequential), "--dry-run", "--partial-data"]) == 0
     text = capsys.readouterr().out
     assert "normal160-s0" in text and "finished" in text and "seal-s1" in text and "new" in text
     assert "projected GPU hours: unknown" in text
