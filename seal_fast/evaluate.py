@@ -27,9 +27,9 @@ ARCHS = "resnet50, resnet18, resnet10"
 
 
 def load_checkpoint_model(path: str | os.PathLike, device: torch.device, trust: bool = False):
-    """(model in eval mode on `device`, the RunState). The core's own copy of what the studies' features.load_model
-    does (the core may not import seal_fast.studies): a file that is not a seal_fast checkpoint, or whose weights
-    are not those of the architecture its config names, is a DataError with one line."""
+    """(model in eval mode on `device`, the RunState): the one loader of a checkpoint's model (the studies'
+    features.load_model builds on it). A file that is not a seal_fast checkpoint, or whose weights are not those of
+    the architecture its config names, is a DataError with one line; read as data only unless `trust`."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file; pass a checkpoint a run wrote (its last.pt, best.pt or gen<G>.pt)")
@@ -48,8 +48,15 @@ def load_checkpoint_model(path: str | os.PathLike, device: torch.device, trust: 
     try:
         model.load_state_dict(state.model)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError):
-        raise DataError(f"{path}: its weights are not a {arch}'s (the architecture its config names); pass a "
-                        "checkpoint written by python -m seal_fast.train") from None
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state.model]
+        unexpected = [k for k in state.model if k not in expected]
+        reshaped = [k for k in expected if k in state.model and
+                    tuple(getattr(state.model[k], "shape", ())) != tuple(expected[k].shape)]
+        first = (missing + unexpected + reshaped or ["?"])[0]
+        raise DataError(f"{path}: its weights are not a {arch}'s (the architecture its config names): "
+                        f"{len(missing)} tensors missing, {len(unexpected)} unexpected, {len(reshaped)} of another "
+                        f"shape (e.g. {first}); pass a checkpoint written by python -m seal_fast.train") from None
     return model.to(device).eval(), state
 
 

@@ -36,7 +36,8 @@ import torch
 
 from .. import checkpoint
 from ..errors import DataError, SealError
-from ..models import build_model, forward_probes, probe_names
+from ..evaluate import load_checkpoint_model
+from ..models import forward_probes, probe_names
 
 FEATURES_VERSION = 1  # bump when the extraction's arithmetic changes: old cache files are then never read
 
@@ -52,30 +53,8 @@ def load_model(path: str, device: torch.device, channels_last: bool = False, tru
     A file that is not a seal_fast checkpoint, or whose weights are not those of the architecture its config
     names, is a DataError with one line that says so. The file is read as data only (checkpoint.load): one whose
     pickle would run code is refused unless `trust` (--trust-checkpoint)."""
-    ckpt = checkpoint.read(path, trust=trust)
+    model, ckpt = load_checkpoint_model(path, device, trust=trust)
     cfg = ckpt.config
-    arch = cfg.get("arch", "resnet50")
-    if not isinstance(ckpt.model, dict) or "fc.weight" not in ckpt.model:
-        raise DataError(f"{path}: its weights are not a seal_fast ResNet's (no fc.weight); pass a checkpoint "
-                        "written by python -m seal_fast.train")
-    try:
-        model = build_model(arch, num_classes=ckpt.model["fc.weight"].shape[0])
-    except KeyError:
-        raise DataError(f"{path}: its config names the architecture {arch!r}, which seal_fast does not build "
-                        "(resnet50, resnet18, resnet10)") from None
-    try:
-        model.load_state_dict(ckpt.model)
-    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError):
-        expected = model.state_dict()
-        missing = [k for k in expected if k not in ckpt.model]
-        unexpected = [k for k in ckpt.model if k not in expected]
-        reshaped = [k for k in expected if k in ckpt.model and
-                    tuple(getattr(ckpt.model[k], "shape", ())) != tuple(expected[k].shape)]
-        first = (missing + unexpected + reshaped or ["?"])[0]
-        raise DataError(f"{path}: its weights are not a {arch}'s (the architecture its config names): "
-                        f"{len(missing)} tensors missing, {len(unexpected)} unexpected, {len(reshaped)} of another "
-                        f"shape (e.g. {first}); pass a checkpoint written by python -m seal_fast.train") from None
-    model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     label = f"{cfg.get('method', '?')} @ epoch {ckpt.next_epoch} ({Path(path).parent.name}/{Path(path).name})"
