@@ -290,7 +290,7 @@ def test_llf_reinit_as_the_trainer_does_it_keeps_one_graph(tiny_data, tmp_path):
             tr.eval_step = FakeEvalStep(tr.model, tr.criterion, tr.amp_dtype, True)
         tr.fit()
         trainers.append(tr)
-    assert sum(bool(e["reinit"]) for e in trainers[0].plan) >= 1
+    assert sum(bool(e.reinit) for e in trainers[0].plan) >= 1
     ts, es = trainers[0].train_step, trainers[0].eval_step
     assert (ts.captures, ts.recaptures, es.captures, es.recaptures) == (1, 0, 1, 0)
     assert ts.replays > 0 and es.replays > 0
