@@ -309,11 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--memory-gb", type=float,
                    help="memory for embeddings (default: 40%% of free GPU memory, or 25%% of free RAM on the CPU)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run: auto (a GPU when one is visible), cpu or cuda (default auto)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="bf16 forward and embeddings (default: on with CUDA)")
     p.add_argument("--workers", type=int, default=-1, help="data-loader workers (default: from the CPU count)")
-    p.add_argument("--loader", choices=("auto", "torch", "cache"), default="auto")
+    p.add_argument("--loader", choices=("auto", "torch", "cache"), default="auto",
+                   help="how images are read: cache (decoded once, held in memory), torch (a DataLoader), "
+                        "auto (the cache where it fits; both give the same batches)")
     checkpoint.add_trust_flag(p)
     return p
 

@@ -206,7 +206,8 @@ def add_extraction_args(p) -> None:
 
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--workers", type=int, default=-1, help="data-loader workers (default: from the CPU count)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run: auto (a GPU when one is visible), cpu or cuda (default auto)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="bf16 forward (default: on with CUDA; on a CPU only where bf16 is native)")
     p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default $SEAL_FAST_CACHE/features, i.e. "
