@@ -109,6 +109,8 @@ class RunState:
 def read(path: str | os.PathLike, resumable: bool = False, trust: bool = False) -> RunState:
     """A last.pt or best.pt of any schema; resumable=True also requires the optimizer and a well-formed RNG state.
     trust: see `load`."""
+    if resumable and not Path(path).is_file():
+        raise SealError(f"{path}: no checkpoint to resume from (a run writes last.pt at the end of its first epoch)")
     state = RunState.from_dict(load(path, trust=trust), path)
     if resumable and (state.kind != "last" or state.optimizer is None or state.rng is None):
         raise DataError(f"{path}: holds weights only ({state.kind}.pt), not a resumable state; resume from the "
@@ -233,7 +235,7 @@ def load(path: str | os.PathLike, trust: bool = False) -> dict:
     and --trust-checkpoint, and nothing of it runs; with trust=True it is loaded by Python's full unpickler."""
     path = Path(path)
     if not path.is_file():
-        raise SealError(f"{path}: no checkpoint to resume from (a run writes last.pt at the end of its first epoch)")
+        raise SealError(f"{path}: no such checkpoint file (a training run writes last.pt, best.pt and gen<G>.pt)")
     try:
         try:
             return _torch_load(path, weights_only=True)

@@ -118,15 +118,20 @@ def evaluate(model: torch.nn.Module, root: str, batch_size: int, device: torch.d
 
 
 def write_per_class(result: Result, path: str | os.PathLike) -> None:
+    """Written to a temporary file beside `path`, then renamed over it: a reader never sees half a table, and a failed
+    write leaves an earlier file of that name whole."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(path, "w", newline="") as f:
+        with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["class", "wnid", "images", "correct", "top1"])
             for i, (wnid, (right, seen)) in enumerate(zip(result.classes, result.per_class)):
                 w.writerow([i, wnid, seen, right, f"{right / seen:.6f}" if seen else ""])
+        os.replace(tmp, path)
     except OSError as exc:
-        raise WriteError(write_failure(exc, path, atomic=False, then="run again")) from None
+        tmp.unlink(missing_ok=True)
+        raise WriteError(write_failure(exc, path, atomic=True, then="run again")) from None
 
 
 def build_parser():

@@ -192,3 +192,11 @@ def test_a_malformed_rng_state_is_one_line(tmp_path):
     torch.save(d, tmp_path / "last.pt")
     with pytest.raises(SealError, match="last.pt: its RNG state is malformed .*numpy"):
         checkpoint.read(tmp_path / "last.pt", resumable=True)
+
+
+def test_a_missing_file_says_so_and_only_resuming_speaks_of_resume(tmp_path):
+    with pytest.raises(SealError, match="no such checkpoint file") as plain:
+        checkpoint.read(tmp_path / "best.pt")
+    assert "resume" not in str(plain.value)
+    with pytest.raises(SealError, match="no checkpoint to resume from"):
+        checkpoint.read(tmp_path / "last.pt", resumable=True)

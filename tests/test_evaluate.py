@@ -134,3 +134,34 @@ def test_reachable_through_the_command_table(fresh):
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "top-1" in done.stdout and "normal resnet10, best checkpoint after 3 epochs" in done.stdout
+
+
+def test_per_class_csv_is_replaced_whole(tmp_path, monkeypatch):
+    """The CSV appears under its name only once whole: a write that fails half-way leaves the earlier file as it was
+    and no temporary file behind, and the error is one WriteError line."""
+    from seal_fast import evaluate
+    from seal_fast.errors import WriteError
+
+    result = evaluate.Result(0.5, 1.0, 4, ["n0", "n1"], [(1, 2), (1, 2)])
+    path = tmp_path / "per_class.csv"
+    path.write_text("earlier\n")
+
+    real_writer = csv.writer
+
+    class Broken:
+        def __init__(self, f):
+            self.w, self.rows = real_writer(f), 0
+
+        def writerow(self, row):
+            self.rows += 1
+            if self.rows == 2:
+                raise OSError(28, "No space left on device")
+            self.w.writerow(row)
+
+    monkeypatch.setattr(evaluate.csv, "writer", Broken)
+    with pytest.raises(WriteError, match="untouched and whole"):
+        evaluate.write_per_class(result, path)
+    assert path.read_text() == "earlier\n" and sorted(p.name for p in tmp_path.iterdir()) == ["per_class.csv"]
+    monkeypatch.undo()
+    evaluate.write_per_class(result, path)
+    assert path.read_text().splitlines()[1:] == ["0,n0,2,1,0.500000", "1,n1,2,1,0.500000"]
