@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -262,6 +263,18 @@ def summary(r: Result, k: int, split: str, features: str) -> dict:
             "depth_histogram": hist, "seconds": r.seconds}
 
 
+@contextmanager
+def _whole(path: Path):
+    """A text file opened for writing under a temporary name, renamed to `path` once closed whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_outputs(out: Path, results: list[Result], args) -> list[Path]:
     from ..plots import plot_depth_histogram, plot_probe_accuracy
 
@@ -269,14 +282,14 @@ def write_outputs(out: Path, results: list[Result], args) -> list[Path]:
     tmp = out / ".depth.json.tmp"
     tmp.write_text(json.dumps({"created": datetime.now().isoformat(timespec="seconds"), "results": rows}, indent=2))
     os.replace(tmp, out / "depth.json")
-    with open(out / "probe_accuracy.csv", "w", newline="") as f:
+    with _whole(out / "probe_accuracy.csv") as f:
         w = csv.writer(f)
         w.writerow(["checkpoint", "label", "probe_index", "probe", "dim", "knn_acc"])
         for r in results:
             for i, n in enumerate(r.probes):
                 w.writerow([r.path, r.label, i, n, r.dims.get(n), f"{r.knn_acc[n]:.6f}"])
             w.writerow([r.path, r.label, len(r.probes), "output", "", f"{r.final_acc:.6f}"])
-    with open(out / "depth_per_sample.csv", "w", newline="") as f:
+    with _whole(out / "depth_per_sample.csv") as f:
         w = csv.writer(f)
         w.writerow(["sample", "label"] + [c for i in range(len(results)) for c in (f"prediction_{i}", f"depth_{i}")])
         for s in range(len(results[0].depth)):
