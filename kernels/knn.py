@@ -44,9 +44,9 @@ import os
 import torch
 import triton
 
-# the configuration tables' names are read from here by the launcher (and tests may patch them here)
-from .knn_configs import (ARCHS, K_PER_PASS, MAXNREG, Config, _TABLE, _WINNERS, _interpreted,  # noqa: F401
-                          _tune_key, arch_of, candidates, d_class, list_slots)
+# the launcher reads these through this module's namespace (so a test may patch e.g. knn.candidates here)
+from .knn_configs import (K_PER_PASS, MAXNREG, Config, _TABLE, _WINNERS, _interpreted, _tune_key, arch_of, candidates,
+                          d_class, list_slots)
 from .knn_kernel import _NORMS_GPU, _knn_kernel, _norms_kernel
 
 MAX_K = 256

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from seal_fast.kernels import compile_report as kr
+from seal_fast.kernels import ptx_facts as pf
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = 90
@@ -257,7 +258,7 @@ def test_ptx_access_parser():
         '\tcp.async.cg.shared.global [ %r98 + 0 ], [ %rd23 + 0 ], 0x10, %r99;',
         '\t.file\t1 "/x/k.py"',
     ])
-    acc = kr.ptx_accesses(ptx)
+    acc = pf.ptx_accesses(ptx)
     assert [(a["op"], a["vec"], a["elem_bits"], a["bits"]) for a in acc] == [
         ("ld", 4, 32, 128), ("ld", 1, 64, 64), ("st", 2, 16, 32), ("cp.async", 1, 128, 128)]
     assert acc[0]["loc"] == ("/x/k.py", 12, 9)
@@ -268,7 +269,7 @@ def test_ptx_access_parser():
         '#loc48 = loc("p"(#loc17))',
         '#loc3 = loc("/x/k.py":10:5)',
     ])
-    tens = kr.tensor_access_widths(acc, kr.ttgir_tensor_accesses(ttgir))
+    tens = pf.tensor_access_widths(acc, pf.ttgir_tensor_accesses(ttgir))
     assert [(a["op"], a["elem"], a["bits"]) for a in tens] == [("ld", "f32", 128)]
 
 
@@ -282,7 +283,7 @@ def test_ptxas_log_parser():
          "the presence of Extern calls in the function '_knn_kernel'."),
         "ptxas info    : Used 255 registers, used 1 barriers, 624 bytes cmem[0]",
     ])
-    res = kr.ptxas_resources(log, "_knn_kernel")
+    res = pf.ptxas_resources(log, "_knn_kernel")
     assert (res["regs"], res["spill_st"], res["spill_ld"], res["stack"]) == (255, 8, 4, 0)
     assert "serialized" in res["ptxas_notes"]
 
