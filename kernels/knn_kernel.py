@@ -59,6 +59,61 @@ def _norms_kernel(x_ptr, out_ptr, R, D, stride_r, stride_d, COSINE: tl.constexpr
     tl.store(out_ptr + rr, acc.to(tl.float32), mask=rmask)
 
 
+@triton.jit
+def _tile_dot(qp, xp, rd, D, q_step, x_step, PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+              BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The D-loop of one tile: q.x for BLOCK_Q queries x BLOCK_N support rows, fp32 [BLOCK_Q, BLOCK_N] (qp: the
+    queries' [Q, D] tile pointers, xp: the support's [D, N] ones, each advanced BLOCK_D features a step)."""
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            q = tl.load(qp)
+            xt = tl.load(xp)
+        else:
+            q = tl.load(qp, mask=rd[None, :] < D - d0, other=0.0)
+            xt = tl.load(xp, mask=rd[:, None] < D - d0, other=0.0)
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong; exact upcast values give the same products
+            acc = tl.dot(q.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(q, xt, acc, input_precision=PRECISION)
+        qp += q_step
+        xp += x_step
+    return acc
+
+
+@triton.jit
+def _distance_keys(acc, qn, xn, COSINE: tl.constexpr):
+    """The distances of a tile from its dots and the norms (qn, xn: |r|^2, or 1 / |r| for cosine), as int32 keys
+    that order like the values: the float's bits, made >= +0."""
+    if COSINE:
+        dist = 1.0 - acc * (qn[:, None] * xn[None, :])
+    else:
+        # one rounding after the exact doubling (an FMA on the GPU): a duplicate pair (|q|^2 = |x|^2) gets
+        # exactly 2 (|q|^2 - q.x), the dot's own rounding, with no extra cancellation
+        dist = (qn[:, None] + xn[None, :]) - 2.0 * acc
+    # NaN -> inf; then bits < 0 (negative rounding, -0.0) -> +0.0: the int32 bits order like the values
+    dist = tl.where(dist != dist, float("inf"), dist)
+    return tl.maximum(dist.to(tl.int32, bitcast=True), 0)
+
+
+@triton.jit
+def _take_candidates(key, best, worst, thr, cols, n0, BLOCK_N: tl.constexpr):
+    """The selection of one tile (keys of dropped candidates 0x7FFFFFFF): while any row has a key below its
+    threshold, move each such row's smallest (the lowest column on ties) into its list in place of the list's
+    largest entry. Returns the list, its largest entry per row and the new thresholds."""
+    low = tl.min(key, axis=1)  # the filter: most tiles of a long slice stop here for most rows
+    while tl.max((low < thr).to(tl.int32), axis=0) > 0:
+        take = low < thr
+        col = tl.min(tl.where(key == low[:, None], cols[None, :], BLOCK_N), axis=1)  # lowest on ties
+        entry = (low.to(tl.int64) << 32) | (n0 + col).to(tl.int64)
+        best = tl.where(take[:, None] & (best == worst[:, None]), entry[:, None], best)
+        key = tl.where(cols[None, :] == col[:, None], 2147483647, key)
+        worst = tl.max(best, axis=1)
+        thr = (worst >> 32).to(tl.int32)
+        low = tl.min(key, axis=1)
+    return best, worst, thr
+
+
 @triton.jit(do_not_specialize=["tune_arch", "tune_d", "tune_aligned"])
 def _knn_kernel(q_ptr, x_ptr, qn_ptr, xn_ptr, lb_ptr, excl_ptr, out_ptr, Q, N, D, K, per_split,
                 stride_qm, stride_qd, stride_xn, stride_xd, tune_arch, tune_d, tune_aligned,
@@ -67,7 +122,8 @@ def _knn_kernel(q_ptr, x_ptr, qn_ptr, xn_ptr, lb_ptr, excl_ptr, out_ptr, Q, N, D
                 BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # tune_arch, tune_d, tune_aligned: unused here, the autotuner's key (the GPU's architecture, the class of D,
     # 16-byte aligned rows). Row and column indices stay int32 (< MAX_ROWS + a tile: no overflow); every offset
-    # that multiplies an index by a stride is int64.
+    # that multiplies an index by a stride is int64. The helpers (_tile_dot, _distance_keys, _take_candidates)
+    # are inlined: the same PTX instructions and SASS as the body written out in one function.
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
     rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -100,30 +156,8 @@ def _knn_kernel(q_ptr, x_ptr, qn_ptr, xn_ptr, lb_ptr, excl_ptr, out_ptr, Q, N, D
         rn_ld = tl.minimum(rn, N - 1)
         qp = q_ptr + rq_ld[:, None].to(tl.int64) * stride_qm + rd[None, :].to(tl.int64) * stride_qd
         xp = x_ptr + rn_ld[None, :].to(tl.int64) * stride_xn + rd[:, None].to(tl.int64) * stride_xd  # [D, N] tile
-        acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            if EVEN_D:
-                q = tl.load(qp)
-                xt = tl.load(xp)
-            else:
-                q = tl.load(qp, mask=rd[None, :] < D - d0, other=0.0)
-                xt = tl.load(xp, mask=rd[:, None] < D - d0, other=0.0)
-            if UPCAST:  # the interpreter's bf16 tl.dot is wrong; exact upcast values give the same products
-                acc = tl.dot(q.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(q, xt, acc, input_precision=PRECISION)
-            qp += q_step
-            xp += x_step
-        xn = tl.load(xn_ptr + rn_ld)
-        if COSINE:
-            dist = 1.0 - acc * (qn[:, None] * xn[None, :])
-        else:
-            # one rounding after the exact doubling (an FMA on the GPU): a duplicate pair (|q|^2 = |x|^2) gets
-            # exactly 2 (|q|^2 - q.x), the dot's own rounding, with no extra cancellation
-            dist = (qn[:, None] + xn[None, :]) - 2.0 * acc
-        # NaN -> inf; then bits < 0 (negative rounding, -0.0) -> +0.0: the int32 bits order like the values
-        dist = tl.where(dist != dist, float("inf"), dist)
-        key = tl.maximum(dist.to(tl.int32, bitcast=True), 0)
+        acc = _tile_dot(qp, xp, rd, D, q_step, x_step, PRECISION, UPCAST, EVEN_D, BLOCK_Q, BLOCK_N, BLOCK_D)
+        key = _distance_keys(acc, qn, tl.load(xn_ptr + rn_ld), COSINE)
         drop = rn[None, :] >= n_hi
         if EXCLUDE:
             drop = drop | (rn[None, :] == skip[:, None])
@@ -131,16 +165,7 @@ def _knn_kernel(q_ptr, x_ptr, qn_ptr, xn_ptr, lb_ptr, excl_ptr, out_ptr, Q, N, D
             drop = drop | (key < lb_key[:, None]) | ((key == lb_key[:, None]) & (rn[None, :] <= lb_idx[:, None]))
         key = tl.where(drop, 2147483647, key)
         if SELECT:
-            low = tl.min(key, axis=1)  # the filter: most tiles of a long slice stop here for most rows
-            while tl.max((low < thr).to(tl.int32), axis=0) > 0:
-                take = low < thr
-                col = tl.min(tl.where(key == low[:, None], cols[None, :], BLOCK_N), axis=1)  # lowest on ties
-                entry = (low.to(tl.int64) << 32) | (n0 + col).to(tl.int64)
-                best = tl.where(take[:, None] & (best == worst[:, None]), entry[:, None], best)
-                key = tl.where(cols[None, :] == col[:, None], 2147483647, key)
-                worst = tl.max(best, axis=1)
-                thr = (worst >> 32).to(tl.int32)
-                low = tl.min(key, axis=1)
+            best, worst, thr = _take_candidates(key, best, worst, thr, cols, n0, BLOCK_N)
         else:  # benchmark: distances only, the selection reduced to each row's minimum key
             rowmin = tl.minimum(rowmin, tl.min(key, axis=1))
     # out is [Q, slices, K]: each query's lists side by side, so the caller's view [Q, slices * K] is free
