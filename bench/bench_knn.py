@@ -80,8 +80,7 @@ def extra_memory(fn) -> float:
     return peak_bytes
 
 
-def main() -> None:
-    cuda = torch.cuda.is_available()
+def parse_args(cuda: bool) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--q", type=int, default=10_000 if cuda else 500)
     p.add_argument("--n", type=int, default=100_000 if cuda else 5_000)
@@ -94,90 +93,125 @@ def main() -> None:
                    help="do not time the distances-only kernel (fused:dist) beside the fused one")
     p.add_argument("--no-autotune", dest="autotune", action="store_false",
                    help="run the KNN table's default configurations (as SEAL_FAST_KNN_AUTOTUNE=0 does)")
-    args = p.parse_args()
-    device = torch.device("cuda" if cuda else "cpu")
-    env = environment()
+    return p.parse_args()
+
+
+def faiss_usable(cuda: bool) -> bool:
+    """faiss (with its torch bridge) importable, and a GPU to run faiss.knn_gpu on."""
     try:
         import faiss  # noqa: F401
         import faiss.contrib.torch_utils  # noqa: F401
-        have_faiss = cuda
+        return cuda
     except ImportError:
-        have_faiss = False
+        return False
+
+
+def config_used(queries, support, k: int) -> str:
+    """The configuration the fused kernel ran with (after its first call): BLOCK_Q x BLOCK_N x BLOCK_D, warps,
+    stages, and whether the autotuner chose it."""
     import seal_fast.kernels.knn as knn
+
+    dtype = queries.dtype
+    arch, precision = knn.arch_of(queries.device), knn._precision(dtype)
+    aligned = knn._aligned(queries) and knn._aligned(support)
+    c = knn.pick_config(arch, dtype, precision, k, queries.shape[1], aligned)
+    tuned = knn._tune_key(arch, dtype, precision, knn.list_slots(k), queries.shape[1], aligned) in knn._WINNERS
+    return f"{c.block_q}x{c.block_n}x{c.block_d} w{c.num_warps} s{c.num_stages} {'tuned' if tuned else 'default'}"
+
+
+def make_cases(queries, support, args, name: str, chunk: int, cuda: bool, faiss_ok: bool) -> dict:
+    """Case name -> a call returning (dist, index) (fused:dist: the nearest distances only), fused cases first."""
     from seal_fast.kernels.knn import knn_distance_pass, knn_topk
 
+    cases = {"cdist+topk": lambda: chunked(queries, support, args.k, chunk, "cdist"),
+             "mm+topk": lambda: chunked(queries, support, args.k, chunk, "mm")}
+    if cuda:
+        fused = {"fused": lambda: knn_topk(queries, support, args.k)}
+        if args.split:
+            fused["fused:dist"] = lambda: knn_distance_pass(queries, support, args.k)
+        cases = {**fused, **cases}
+    if faiss_ok:
+        import faiss
+
+        res = faiss.StandardGpuResources()
+        cases["faiss"] = lambda: faiss.knn_gpu(res, queries.float(), support.float(), args.k)
+    if name != "fp32" and not cuda:
+        cases.pop("cdist+topk")  # cdist has no bf16/fp16 CPU kernel
+    return cases
+
+
+def run_cases(cases: dict, queries, support, args, env: dict, d: int, name: str, chunk: int, cuda: bool) -> list:
+    """One row per case: its time, TFLOP/s and share of peak, extra memory, agreement with the first case."""
+    rows = []
+    reference = ref_near = None
+    for case, fn in cases.items():
+        try:
+            out = fn()
+            dist, idx = (out, None) if case == "fused:dist" else out[:2]
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            rows.append(dict(env, bench="knn", case=case, q=args.q, n=args.n, d=d, k=args.k, dtype=name,
+                             note=f"failed: {str(exc).splitlines()[0][:120]}"))
+            continue
+        agree = ""
+        if idx is None:  # distances only: its minimum must be the fused case's nearest distance
+            agree = float(torch.isclose(dist, ref_near, rtol=1e-3, atol=1e-3).float().mean()) \
+                if ref_near is not None else ""
+        elif reference is None:
+            reference, ref_near = idx, dist[:, 0]
+        else:  # share of neighbours found by both this case and the first case (near-ties may differ)
+            agree = float((reference[:, :, None] == idx[:, None, :]).any(2).float().mean())
+        t = time_us(fn, warmup=2 if not cuda else 5, reps=args.reps if not cuda else 100 * args.reps)
+        config = config_used(queries, support, args.k) if case.startswith("fused") else ""
+        flops = 2.0 * args.q * args.n * d
+        tflops = flops / (t["median_us"] * 1e-6) / 1e12
+        pk = peak(env["device"], name)
+        rows.append(dict(env, bench="knn", case=case, q=args.q, n=args.n, d=d, k=args.k, dtype=name,
+                         median_ms=t["median_us"] / 1e3, p20_ms=t["p20_us"] / 1e3, p80_ms=t["p80_us"] / 1e3,
+                         tflops=tflops, peak_tflops=pk, frac_of_peak=tflops / pk if pk else "",
+                         extra_mem_gb=extra_memory(fn) / 1e9, chunk=chunk if case != "fused" else "",
+                         agree_with_first=agree, config=config,
+                         note="" if cuda else "CPU: baselines only"))
+    return rows
+
+
+def add_fused_shares(rows: list) -> None:
+    """On the fused row of one (D, dtype): speedup_vs_best_torch and (with fused:dist) selection_share."""
+    by_case = {r["case"]: r for r in rows if "median_ms" in r}
+    if "fused" in by_case:
+        best = min((r["median_ms"] for c, r in by_case.items() if c in ("cdist+topk", "mm+topk")), default=None)
+        if best:
+            by_case["fused"]["speedup_vs_best_torch"] = best / by_case["fused"]["median_ms"]
+        if "fused:dist" in by_case:  # the share of the fused call that the top-k selection costs
+            by_case["fused"]["selection_share"] = 1 - by_case["fused:dist"]["median_ms"] / \
+                by_case["fused"]["median_ms"]
+
+
+def bench_shape(args, env: dict, d: int, name: str, cuda: bool, faiss_ok: bool) -> list:
+    """Every case on one (D, dtype): random queries [Q, D] and support [N, D], the same for all cases."""
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = DTYPES[name]
+    g = torch.Generator(device=device).manual_seed(0)
+    support = torch.randn(args.n, d, generator=g, device=device).to(dtype)
+    queries = torch.randn(args.q, d, generator=g, device=device).to(dtype)
+    chunk = max(1, int(args.chunk_gb * 1e9 // (args.n * 4)))
+    cases = make_cases(queries, support, args, name, chunk, cuda, faiss_ok)
+    rows = run_cases(cases, queries, support, args, env, d, name, chunk, cuda)
+    add_fused_shares(rows)
+    return rows  # the inputs (and the cases holding them) are freed on return, before the next size
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    args = parse_args(cuda)
+    env = environment()
+    faiss_ok = faiss_usable(cuda)
+    import seal_fast.kernels.knn as knn
+
     knn.AUTOTUNE = args.autotune
-
-    def config_used(queries, support) -> str:
-        """The configuration the fused kernel ran with (after its first call): BLOCK_Q x BLOCK_N x BLOCK_D, warps,
-        stages, and whether the autotuner chose it."""
-        dtype = queries.dtype
-        arch, precision = knn.arch_of(queries.device), knn._precision(dtype)
-        aligned = knn._aligned(queries) and knn._aligned(support)
-        c = knn.pick_config(arch, dtype, precision, args.k, queries.shape[1], aligned)
-        tuned = knn._tune_key(arch, dtype, precision, knn.list_slots(args.k), queries.shape[1], aligned) in knn._WINNERS
-        return f"{c.block_q}x{c.block_n}x{c.block_d} w{c.num_warps} s{c.num_stages} {'tuned' if tuned else 'default'}"
-
     rows = []
     for d in args.d:
         for name in args.dtypes:
-            dtype = DTYPES[name]
-            g = torch.Generator(device=device).manual_seed(0)
-            support = torch.randn(args.n, d, generator=g, device=device).to(dtype)
-            queries = torch.randn(args.q, d, generator=g, device=device).to(dtype)
-            chunk = max(1, int(args.chunk_gb * 1e9 // (args.n * 4)))
-            cases = {"cdist+topk": lambda: chunked(queries, support, args.k, chunk, "cdist"),
-                     "mm+topk": lambda: chunked(queries, support, args.k, chunk, "mm")}
-            if cuda:
-                fused = {"fused": lambda: knn_topk(queries, support, args.k)}
-                if args.split:
-                    fused["fused:dist"] = lambda: knn_distance_pass(queries, support, args.k)
-                cases = {**fused, **cases}
-            if have_faiss:
-                import faiss
-
-                res = faiss.StandardGpuResources()
-                cases["faiss"] = lambda: faiss.knn_gpu(res, queries.float(), support.float(), args.k)
-            if name != "fp32" and not cuda:
-                cases.pop("cdist+topk")  # cdist has no bf16/fp16 CPU kernel
-            reference = ref_near = None
-            for case, fn in cases.items():
-                try:
-                    out = fn()
-                    dist, idx = (out, None) if case == "fused:dist" else out[:2]
-                except (RuntimeError, torch.OutOfMemoryError) as exc:
-                    rows.append(dict(env, bench="knn", case=case, q=args.q, n=args.n, d=d, k=args.k, dtype=name,
-                                     note=f"failed: {str(exc).splitlines()[0][:120]}"))
-                    continue
-                agree = ""
-                if idx is None:  # distances only: its minimum must be the fused case's nearest distance
-                    agree = float(torch.isclose(dist, ref_near, rtol=1e-3, atol=1e-3).float().mean()) \
-                        if ref_near is not None else ""
-                elif reference is None:
-                    reference, ref_near = idx, dist[:, 0]
-                else:  # share of neighbours found by both this case and the first case (near-ties may differ)
-                    agree = float((reference[:, :, None] == idx[:, None, :]).any(2).float().mean())
-                t = time_us(fn, warmup=2 if not cuda else 5, reps=args.reps if not cuda else 100 * args.reps)
-                config = config_used(queries, support) if case.startswith("fused") else ""
-                flops = 2.0 * args.q * args.n * d
-                tflops = flops / (t["median_us"] * 1e-6) / 1e12
-                pk = peak(env["device"], name)
-                rows.append(dict(env, bench="knn", case=case, q=args.q, n=args.n, d=d, k=args.k, dtype=name,
-                                 median_ms=t["median_us"] / 1e3, p20_ms=t["p20_us"] / 1e3, p80_ms=t["p80_us"] / 1e3,
-                                 tflops=tflops, peak_tflops=pk, frac_of_peak=tflops / pk if pk else "",
-                                 extra_mem_gb=extra_memory(fn) / 1e9, chunk=chunk if case != "fused" else "",
-                                 agree_with_first=agree, config=config,
-                                 note="" if cuda else "CPU: baselines only"))
-            support = queries = cases = None  # free the inputs before the next size (the lambdas hold them)
-            by_case = {r["case"]: r for r in rows if r.get("d") == d and r.get("dtype") == name and "median_ms" in r}
-            if "fused" in by_case:
-                best = min((r["median_ms"] for c, r in by_case.items() if c in ("cdist+topk", "mm+topk")),
-                           default=None)
-                if best:
-                    by_case["fused"]["speedup_vs_best_torch"] = best / by_case["fused"]["median_ms"]
-                if "fused:dist" in by_case:  # the share of the fused call that the top-k selection costs
-                    by_case["fused"]["selection_share"] = 1 - by_case["fused:dist"]["median_ms"] / \
-                        by_case["fused"]["median_ms"]
+            rows += bench_shape(args, env, d, name, cuda, faiss_ok)
     print_table(rows, ["case", "d", "dtype", "median_ms", "tflops", "peak_tflops", "frac_of_peak", "extra_mem_gb",
                        "speedup_vs_best_torch", "selection_share", "agree_with_first", "config", "note"])
     path = append_rows("knn", rows)

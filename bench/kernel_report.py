@@ -3,7 +3,7 @@ every instantiation of the native CUDA kernels (kernels/cuda/, by nvcc; module "
 compiler made of it: registers, spills, shared memory, global access widths, tensor-core instructions,
 the occupancy the registers allow.
 
-    python bench/kernel_report.py [--arch 90|80] [--modules kernels.fused_sgd kernels.knn] [--quick]
+    python bench/kernel_report.py [--arch 90|80] [--modules kernels.fused_sgd kernels.knn_kernel] [--quick]
                                   [--csv bench/results/kernels.csv] [--no-csv] [--path DIR] [--jobs N]
 
 Each module of kernels/ that holds a @triton.jit kernel exposes `compile_specs() -> list[KernelSpec]`

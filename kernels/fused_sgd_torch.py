@@ -1,12 +1,12 @@
 """The fused SGD step in plain PyTorch ops: SignedSGD's backend "torch" (the CPU default), over the same
-table as the Triton and native kernels (kernels/fused_sgd.py), with the same semantics. Production code: its
-test oracle is kernels/reference.py (fp64) and torch.optim.SGD, never this file."""
+table (kernels/fused_sgd_table.py) as the Triton and native kernels (kernels/fused_sgd.py), with the same
+semantics. Production code: its test oracle is kernels/reference.py (fp64) and torch.optim.SGD, never this file."""
 
 from __future__ import annotations
 
 import torch
 
-from .fused_sgd import SGDTable
+from .fused_sgd_table import SGDTable
 
 
 def step(table: SGDTable, *, nesterov: bool = False, scaled: bool = False) -> None:

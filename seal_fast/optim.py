@@ -12,7 +12,7 @@
   2026-12-04) the two GPU kernels tied: graph-replayed Triton 116.8 us, native 116.0 us (1.01x, both 1.03 of a
   device copy); eager 119.7 vs 120.1 us. A tie keeps Triton, which needs no build. All backends
   walk the same table
-  (kernels.fused_sgd.SGDTable, made by kernels.fused_sgd.make_table).
+  (kernels.fused_sgd_table.SGDTable, made by kernels.fused_sgd_table.make_table).
 - momentum, dampening and nesterov are shared by all groups; lr and weight_decay are per group.
 - Hyper-parameters live in device tensors. `step()` copies changed group values there (a host-to-device
   copy, no sync); to replay a captured CUDA graph with new values, call `sync_hyperparameters()` before
@@ -113,7 +113,7 @@ class SignedSGD(torch.optim.Optimizer):
             first = next((p for g in self.param_groups for p in g["params"]), None)
             self._require_native(first.device if first is not None else torch.device("cuda"))
         self.backend = backend
-        self._table = None    # kernels.fused_sgd.SGDTable of the parameters that have gradients
+        self._table = None    # kernels.fused_sgd_table.SGDTable of the parameters that have gradients
         self._watch = None    # _Watch: is that table still valid
         self._owned = {}      # parameter -> the momentum buffer this optimizer allocated for it
 
@@ -193,7 +193,7 @@ class SignedSGD(torch.optim.Optimizer):
         return why
 
     def _rebuild(self, momentum: float):
-        from seal_fast.kernels.fused_sgd import make_table, same_layout
+        from seal_fast.kernels.fused_sgd_table import make_table, same_layout
 
         entries = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"] if p.grad is not None]
         old = self._table

@@ -360,7 +360,7 @@ def test_mixed_aligned_and_unaligned_in_one_step(device, nesterov):
 def test_table_records_and_alignment():
     """make_table: one record per chunk with the chunk's own addresses; a chunk is aligned when its three
     addresses are 16-byte aligned and its length a multiple of the vector width."""
-    from seal_fast.kernels.fused_sgd import (
+    from seal_fast.kernels.fused_sgd_table import (
         BLOCK,
         BUF,
         GRAD,

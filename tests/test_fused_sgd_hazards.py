@@ -168,8 +168,8 @@ _BARRIER = re.compile(r"^\s*(@!?%p\d+\s+)?(bar\.sync|barrier\.sync|bar\.cta\.syn
 def restart_order(ptx: str, load_line: int, store_line: int, source: str) -> dict:
     """Positions (PTX line numbers) of the global loads issued for source line `load_line`, the global stores
     for `store_line` (both of file `source`), and of every barrier, with whether a barrier is predicated
-    (the PTX's source locations as the static report reads them: compile_report.ptx_lines)."""
-    from seal_fast.kernels.compile_report import ptx_lines
+    (the PTX's source locations as the static report reads them: ptx_facts.ptx_lines)."""
+    from seal_fast.kernels.ptx_facts import ptx_lines
 
     loads, stores, barriers = [], [], []
     for i, line, loc in ptx_lines(ptx):

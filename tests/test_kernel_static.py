@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from seal_fast.kernels import compile_report as kr
+from seal_fast.kernels import ptx_facts as pf
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = 90
 ARCHS = (90, 80)   # sm_80: the modules whose tables depend on the architecture (ARCH_MODULES) only
-ARCH_MODULES = ["kernels.knn"]
+ARCH_MODULES = ["kernels.knn_kernel"]
 FLOAT_ELEMS = {"f32", "bf16", "f16"}
 
 # Registers per thread, per kernel. The bound is an occupancy requirement (kr.occupancy: 65536 registers
@@ -43,7 +44,7 @@ FLOAT_ELEMS = {"f32", "bf16", "f16"}
 # SM leaves the tensor cores idle during every merge. So: registers that let two blocks share an SM,
 # <= 128 at 8 warps (<= 255 at 4 warps, where registers cannot stop it), and shared memory for two
 # (checked with the registers through kr.occupancy).
-# knn, the cap: every launch sets ptxas's register cap (kernels.knn.MAXNREG = 240; without one ptxas sometimes
+# knn, the cap: every launch sets ptxas's register cap (kernels.knn_configs.MAXNREG = 240; without one ptxas sometimes
 # spills to reach 3 or 4 blocks per SM), 15 below the hardware's 255: headroom for a compiler that needs a few
 # more registers (raise the cap) before any configuration has to change.
 SGD_ALIGNED_MAX_REGS = 64
@@ -113,7 +114,7 @@ def _name(r) -> str:
 
 def test_every_kernel_module_exposes_compile_specs():
     with_kernels = {m: p for m, p in kr.kernel_modules(ROOT).items() if kr.triton_functions(p)[1]}
-    assert {"kernels.fused_sgd", "kernels.knn"} <= set(with_kernels), with_kernels
+    assert {"kernels.fused_sgd", "kernels.knn_kernel"} <= set(with_kernels), with_kernels
     missing = sorted(m for m, p in with_kernels.items() if not kr.defines_compile_specs(p))
     assert not missing, f"kernel files without compile_specs(): {missing}"
 
@@ -156,7 +157,7 @@ def test_one_block_fits_an_sm(any_report):
 def _reg_bound(r) -> int | None:
     if r["module"] == "kernels.fused_sgd":
         return SGD_ALIGNED_MAX_REGS if json.loads(r["facts"]).get("aligned") else SGD_UNALIGNED_MAX_REGS
-    if r["module"] == "kernels.knn":
+    if r["module"] == "kernels.knn_kernel":
         return knn_max_regs(r["num_warps"])
     return None
 
@@ -196,7 +197,7 @@ def test_sgd_aligned_accesses_are_128_bit(report):
 # -- knn ----------------------------------------------------------------------------------------------
 
 def test_knn_16bit_tensor_core_configs_issue_wgmma(report):
-    rows = [r for r in _rows(report, "kernels.knn", tensor_cores=True) if r["facts"].get("dtype") in ("bf16", "fp16")]
+    rows = [r for r in _rows(report, "kernels.knn_kernel", tensor_cores=True) if r["facts"].get("dtype") in ("bf16", "fp16")]
     assert {r["facts"]["dtype"] for r in rows} == {"bf16", "fp16"}, "no 16-bit tensor-core KNN configuration"
     bad = [f"{_name(r)}: PTX wgmma.mma_async {r['wgmma']}, mma.sync {r['mma']}; SASS {r['sass_mma']}"
            for r in rows if "error" not in r and not (r["wgmma"] > 0 and "HGMMA:0" not in r["sass_mma"]
@@ -207,7 +208,7 @@ def test_knn_16bit_tensor_core_configs_issue_wgmma(report):
 def test_knn_wgmma_not_serialized(report):
     """ptxas serializes wgmma (waits after each) when it cannot prove the pipeline safe, and says so in its
     log: the tensor cores then idle between instructions."""
-    rows = [r for r in _rows(report, "kernels.knn") if "error" not in r and r["wgmma"]]
+    rows = [r for r in _rows(report, "kernels.knn_kernel") if "error" not in r and r["wgmma"]]
     assert rows, "no KNN configuration issues wgmma"
     bad = [f"{_name(r)}: {r['ptxas_notes']}" for r in rows if "serializ" in r.get("ptxas_notes", "").lower()]
     assert not bad, "\n".join(bad)
@@ -215,7 +216,7 @@ def test_knn_wgmma_not_serialized(report):
 
 def test_knn_two_blocks_share_an_sm(any_report):
     """Registers and shared memory together (see KNN_MIN_BLOCKS_PER_SM above; sm_80 has less shared memory)."""
-    rows = [r for r in _rows(any_report, "kernels.knn") if "error" not in r]
+    rows = [r for r in _rows(any_report, "kernels.knn_kernel") if "error" not in r]
     assert rows
     bad = [f"{_name(r)}: {r['num_warps']} warps, {r['regs']} regs, {r['shared']} B shared -> {r['warps_sm']} warps/SM"
            for r in rows if not (isinstance(r["warps_sm"], int)
@@ -227,12 +228,12 @@ def test_knn_covers_both_architectures(any_report):
     """The report of each architecture holds the KNN table of that architecture, every flavour of it, and only
     that one (a spec made for sm_80 is never judged as sm_90 code, nor the other way round)."""
     arch = any_report["env"]["arch"]
-    rows = [r for r in _rows(any_report, "kernels.knn", kernel="knn") if "error" not in r]
+    rows = [r for r in _rows(any_report, "kernels.knn_kernel", kernel="knn") if "error" not in r]
     assert rows and {r["facts"]["arch"] for r in rows} == {arch}
     assert {r["facts"]["flavour"] for r in rows} == {"plain", "full", "distances"}
     assert {r["facts"]["dtype"] for r in rows} == {"fp32", "bf16", "fp16"}
     assert any(r["facts"]["default"] for r in rows) and any(not r["facts"]["default"] for r in rows)
-    from seal_fast.kernels.knn import MAXNREG
+    from seal_fast.kernels.knn_configs import MAXNREG
 
     assert MAXNREG == KNN_REG_CAP
 
@@ -257,7 +258,7 @@ def test_ptx_access_parser():
         '\tcp.async.cg.shared.global [ %r98 + 0 ], [ %rd23 + 0 ], 0x10, %r99;',
         '\t.file\t1 "/x/k.py"',
     ])
-    acc = kr.ptx_accesses(ptx)
+    acc = pf.ptx_accesses(ptx)
     assert [(a["op"], a["vec"], a["elem_bits"], a["bits"]) for a in acc] == [
         ("ld", 4, 32, 128), ("ld", 1, 64, 64), ("st", 2, 16, 32), ("cp.async", 1, 128, 128)]
     assert acc[0]["loc"] == ("/x/k.py", 12, 9)
@@ -268,7 +269,7 @@ def test_ptx_access_parser():
         '#loc48 = loc("p"(#loc17))',
         '#loc3 = loc("/x/k.py":10:5)',
     ])
-    tens = kr.tensor_access_widths(acc, kr.ttgir_tensor_accesses(ttgir))
+    tens = pf.tensor_access_widths(acc, pf.ttgir_tensor_accesses(ttgir))
     assert [(a["op"], a["elem"], a["bits"]) for a in tens] == [("ld", "f32", 128)]
 
 
@@ -282,7 +283,7 @@ def test_ptxas_log_parser():
          "the presence of Extern calls in the function '_knn_kernel'."),
         "ptxas info    : Used 255 registers, used 1 barriers, 624 bytes cmem[0]",
     ])
-    res = kr.ptxas_resources(log, "_knn_kernel")
+    res = pf.ptxas_resources(log, "_knn_kernel")
     assert (res["regs"], res["spill_st"], res["spill_ld"], res["stack"]) == (255, 8, 4, 0)
     assert "serialized" in res["ptxas_notes"]
 

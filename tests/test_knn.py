@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import seal_fast.kernels.knn as knn
+import seal_fast.kernels.knn_configs as knn_configs
 from seal_fast.kernels.knn import MAX_K, default_splits, empty_topk, knn_predict, knn_topk, merge_topk, vote
 from seal_fast.kernels.reference import knn_topk_ref
 
@@ -349,7 +350,8 @@ def test_compile_specs_cover_the_launcher_table():
     bucket and alignment (every autotune candidate, the default first), has a spec for that architecture in its
     "plain" and its "full" flavour, with its tile, warps, stages and register cap; labels are unique; 16-bit and
     TF32 configurations promise tensor cores, and on sm_90 all of them use the 64-row wgmma tile."""
-    from seal_fast.kernels.knn import ARCHS, K_PER_PASS, MAXNREG, candidates, compile_specs, list_slots
+    from seal_fast.kernels.knn_configs import ARCHS, K_PER_PASS, MAXNREG, candidates, list_slots
+    from seal_fast.kernels.knn_kernel import compile_specs
 
     specs = compile_specs()
     labels = [s.label for s in specs]
@@ -394,7 +396,7 @@ def test_configuration_is_keyed_on_arch_dtype_k_and_d():
     assert pick_config(90, bf16, None, 64, 2048) == Config(64, 64, 64, 4, 3)           # KP = 64: narrower tiles
     assert pick_config(80, bf16, None, 30, 2048) != pick_config(90, bf16, None, 30, 2048)  # no wgmma on sm_80
     assert pick_config(90, torch.float32, "ieee", 30, 2048) != pick_config(90, torch.float32, "tf32", 30, 2048)
-    assert pick_config(None, bf16, None, 30, 2048) == knn._INTERPRETER
+    assert pick_config(None, bf16, None, 30, 2048) == knn_configs._INTERPRETER
     assert knn.arch_of(torch.device("cpu")) is None
     assert [d_class(d) for d in (1, 16, 17, 256, 2065, 10**6)] == [16, 16, 32, 256, 4096, 32768]
     winner = candidates(90, bf16, None, 32)[1]
