@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from seal_fast import checkpoint
-from seal_fast.studies.hessian import (
+from seal_fast.errors import ConfigError
+from seal_fast.studies.hessian import load_samples, main, sample_indices
+from seal_fast.studies.hessian_math import (
     HessianOperator,
     hutchinson_trace,
     lanczos,
-    load_samples,
-    main,
-    sample_indices,
+    select_params,
     slq_density,
     top_eigenvalues,
     tridiagonal_quadrature,
@@ -122,6 +122,54 @@ def test_trace_and_density_match_the_explicit_hessian(small):
     assert dens.steps[0] <= op.dim and weights.sum() == pytest.approx(1.0, abs=1e-12)
     assert np.abs(nodes[:, None] - exact[None]).min(1).max() < 1e-8
     assert nodes.max() == pytest.approx(exact.max(), rel=1e-9) and nodes.min() == pytest.approx(exact.min(), rel=1e-9)
+
+
+@pytest.mark.parametrize("prefixes", [["7"], ["1", "7"], ["0.weight"], ["4"]])
+def test_a_parameter_subset_equals_the_explicit_hessian_of_that_subset(small, prefixes):
+    """--params: the Hessian w.r.t. the selected parameters only (the others held), by torch.func.hessian of the loss
+    as a function of those alone; it is also the full Hessian's principal submatrix on their coordinates."""
+    net, x, y, h_full = small
+    names = [n for n, _ in net.named_parameters()]
+    chosen = select_params(names, prefixes)
+    op = HessianOperator(net, x, y, batch_size=4, select=chosen)
+    assert op.names == chosen and set(op.fixed) == set(names) - set(chosen)
+    held = {n: p.detach() for n, p in net.named_parameters() if n not in chosen}
+    buffers = dict(net.named_buffers())
+
+    def loss(sub):
+        return F.cross_entropy(torch.func.functional_call(net, (held, sub, buffers), (x,)), y)
+
+    sub = {n: p.detach() for n, p in net.named_parameters() if n in chosen}
+    blocks = torch.func.hessian(loss)(sub)
+    h = torch.cat([torch.cat([blocks[a][b].reshape(sub[a].numel(), sub[b].numel()) for b in chosen], 1)
+                   for a in chosen], 0)
+    assert h.shape == (op.dim, op.dim)
+    offsets = np.cumsum([0] + [p.numel() for p in net.parameters()])
+    index = torch.cat([torch.arange(offsets[names.index(n)], offsets[names.index(n) + 1]) for n in chosen])
+    torch.testing.assert_close(h, h_full[index][:, index], rtol=1e-11, atol=1e-13)
+    eye = torch.eye(op.dim, dtype=F64)
+    torch.testing.assert_close(torch.stack([op(e) for e in eye], 1), h, rtol=1e-11, atol=1e-13)
+    gen = torch.Generator().manual_seed(0)
+    exact = sorted(torch.linalg.eigvalsh(h).tolist(), key=abs, reverse=True)
+    found = top_eigenvalues(op, op.dim, top=1, max_iter=5000, tol=1e-13, gen=gen, dtype=F64)
+    assert found.values[0] == pytest.approx(exact[0], rel=1e-7)
+    trace = hutchinson_trace(op, op.dim, max_iter=400, tol=0.0, gen=gen, dtype=F64)
+    assert abs(trace.mean - float(torch.trace(h))) <= 4 * trace.std / np.sqrt(400) + 1e-12
+
+
+def test_params_prefixes_select_whole_module_names():
+    names = ["conv1.weight", "bn1.weight", "layer4.0.conv1.weight", "layer4.2.bn3.bias", "layer40.weight",
+             "fc.weight", "fc.bias", "fc2.weight"]
+    assert select_params(names, None) == names
+    assert select_params(names, ["fc"]) == ["fc.weight", "fc.bias"]
+    assert select_params(names, ["layer4"]) == ["layer4.0.conv1.weight", "layer4.2.bn3.bias"]
+    assert select_params(names, ["fc", "layer4.2"]) == ["layer4.2.bn3.bias", "fc.weight", "fc.bias"]  # model order
+    assert select_params(names, ["fc.bias"]) == ["fc.bias"]
+    with pytest.raises(ConfigError, match=r"--params fc\.: matches no parameter of the model; its top-level names "
+                                          r"are conv1, bn1, layer4, layer40, fc, fc2"):
+        select_params(names, ["fc."])
+    with pytest.raises(ConfigError, match="--params classifier: matches no parameter"):
+        select_params(names, ["fc", "classifier"])
 
 
 def test_softmax_regression_closed_form():
@@ -260,6 +308,44 @@ def test_cli_end_to_end(ckpts, tiny_data, tmp_path):
     table = (out / "table.md").read_text().splitlines()
     assert table[2].startswith("| checkpoint | run | loss | top eigenvalue |") and len(table) == 6
     assert (out / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_params_fc_records_the_subset(ckpts, tiny_data, tmp_path, capsys):
+    out = tmp_path / "fc"
+    assert main(list(map(str, ["--checkpoint", ckpts[0], "--samples", "4", "--params", "fc", "--max-iter", "200",
+                               "--tol", "1e-9", "--trace-max-iter", "3", "--slq-steps", "5", "--dtype", "float64",
+                               "--out", out]))) == 0
+    text = capsys.readouterr().out
+    assert "(the parameters under fc (2 tensors, 2,052 of 4,907,844))" in text
+    doc = json.loads((out / "hessian.json").read_text())[0]
+    assert doc["parameter_names"] == ["fc.weight", "fc.bias"] and doc["parameters"] == 512 * 4 + 4
+    assert doc["settings"]["params"] == ["fc"]
+    assert "w.r.t. the parameters under fc (2,052 of them)" in (out / "table.md").read_text()
+    # the same number as the closed form of a softmax regression on the checkpoint's pooled features
+    from seal_fast.data.images import normalize
+    from seal_fast.studies.features import load_model
+    from seal_fast.studies.pof import backbone
+
+    model, _, _ = load_model(str(ckpts[0]), torch.device("cpu"))
+    model = model.to(F64).eval()
+    images, labels, _, _ = load_samples(tiny_data, 4)
+    with torch.no_grad():
+        feats = backbone(model, normalize(images, torch.device("cpu"), False, dtype=F64))
+    head = nn.Linear(512, 4).to(F64)
+    head.load_state_dict(model.fc.state_dict())
+    op = HessianOperator(nn.Sequential(head).eval(), feats, labels, batch_size=4)
+    h = torch.stack([op(e) for e in torch.eye(op.dim, dtype=F64)], 1)
+    assert doc["top_eigenvalues"][0] == pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-6)
+
+
+def test_cli_params_matching_nothing_is_one_line_exit_2(ckpts, tiny_data, tmp_path, capsys):
+    code = main(list(map(str, ["--checkpoint", ckpts[0], "--data", tiny_data, "--samples", "4", "--params", "fc",
+                               "head", "--out", tmp_path / "o"])))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: --params head: matches no parameter of the model; its top-level names are conv1, "
+                          "bn1, layer1, layer2, layer3, layer4, fc")
+    assert not (tmp_path / "o").exists()
 
 
 def _junk(tmp_path):

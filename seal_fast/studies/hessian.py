@@ -2,7 +2,9 @@
 
 What is measured, exactly (so anyone can check it): the Hessian H of
     L(theta) = mean over the sampled images of cross_entropy(model(x; theta), y)   (no label smoothing)
-with respect to every parameter of the model (BatchNorm weights and biases included), the model in eval mode
+with respect to every parameter of the model (BatchNorm weights and biases included), or with --params PREFIX ...
+only to the parameters under those module names (`--params fc`: the classifier's weight and bias, the space in
+which PoF claims a flatter loss; the other parameters held at their values), the model in eval mode
 (BatchNorm uses its running statistics, so L is a deterministic function of theta). The images are --samples
 training images, at indices i * n // samples (i = 0 .. samples-1) of the training set in the layout's order
 (classes in wnids.txt order, files sorted by name; seal_fast/data/layout.py), decoded and normalized as
@@ -28,9 +30,12 @@ the version 0.1 the SEAL authors pinned), with its defaults:
                    width, at least 1e-5), normalized as PyHessian's density_generate does.
 Every checkpoint is measured with the same random vectors (a generator seeded with --seed for each one).
 
-Outputs in --out: hessian.json (a list, one object per checkpoint: checkpoint, top_eigenvalues, trace {mean, std,
-stderr, samples, estimates}, density {nodes, weights}, loss, settings), spectrum.png (the density, symmetric-log eigenvalue axis,
-one line per checkpoint) and table.md (top eigenvalue and trace per checkpoint).
+The products and the algorithms are in hessian_math.py; this module is the command (samples, checkpoints, outputs).
+Outputs in --out: hessian.json (a list, one object per checkpoint: checkpoint, parameters (the count),
+parameter_names (those differentiated), top_eigenvalues, trace {mean, std, stderr, samples, estimates}, density
+{nodes, weights}, loss, settings (params: the --params prefixes, null for the whole network)), spectrum.png (the
+density, symmetric-log eigenvalue axis, one line per checkpoint) and table.md (top eigenvalue and trace per
+checkpoint). docs/hessian.md has the flags, the sources and measured figures.
 """
 
 from __future__ import annotations
@@ -41,22 +46,30 @@ import math
 import os
 import sys
 import time
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from .. import checkpoint
 from ..errors import ConfigError, DataError
 from ..runtime import free_memory, pick_device
 from .command import open_output, report_written, require_checkpoints, study_main, study_parser
+from .hessian_math import (  # noqa: F401 - re-exported: the study's mathematics, by their old names too
+    Density,
+    Eigen,
+    HessianOperator,
+    Hvp,
+    Trace,
+    hutchinson_trace,
+    lanczos,
+    select_params,
+    slq_density,
+    top_eigenvalues,
+    tridiagonal_quadrature,
+)
 
-Hvp = Callable[[torch.Tensor], torch.Tensor]
 
 # ----------------------------------------------------------------------------------------------
 # The images: a fixed, evenly spaced subset of the training set, as validation images
@@ -90,247 +103,6 @@ def load_samples(root: str | os.PathLike, samples: int) -> tuple[torch.Tensor, t
 
 
 # ----------------------------------------------------------------------------------------------
-# Hessian-vector products of the mean cross-entropy, on flat vectors
-# ----------------------------------------------------------------------------------------------
-
-
-class HessianOperator:
-    """v -> H v, H the Hessian of the mean cross-entropy of `model` (as it is: call .eval() first for the study's
-    definition) over (inputs, labels) w.r.t. every parameter, for flat vectors v in named_parameters() order.
-    Chunks of `batch_size` samples; each chunk's product is computed by torch.func and summed into the result."""
-
-    def __init__(self, model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 mode: str = "reverse"):
-        if mode not in ("reverse", "forward"):
-            raise ValueError(f"mode {mode!r}: reverse (vjp of grad) or forward (jvp of grad)")
-        self.model, self.inputs, self.labels = model, inputs, labels
-        self.batch_size, self.mode = batch_size, mode
-        self.params = {n: p.detach() for n, p in model.named_parameters()}
-        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
-        self.names = list(self.params)
-        self.shapes = [self.params[n].shape for n in self.names]
-        self.numels = [self.params[n].numel() for n in self.names]
-        self.dim = sum(self.numels)
-        first = self.params[self.names[0]]
-        self.dtype, self.device = first.dtype, first.device
-        self.count = 0  # products computed so far
-
-    def flat_params(self) -> torch.Tensor:
-        return self.flatten(self.params)
-
-    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([tensors[n].reshape(-1) for n in self.names])
-
-    def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views into v, one per parameter (no copy)."""
-        return {n: t.view(s) for n, t, s in zip(self.names, torch.split(v, self.numels), self.shapes)}
-
-    def _chunk_loss(self, params, x, y):
-        logits = torch.func.functional_call(self.model, (params, self.buffers), (x,))
-        return F.cross_entropy(logits, y, reduction="sum") / len(self.labels)
-
-    def chunks(self):
-        for lo in range(0, len(self.labels), self.batch_size):
-            yield self.inputs[lo:lo + self.batch_size], self.labels[lo:lo + self.batch_size]
-
-    @torch.no_grad()
-    def loss(self) -> float:
-        """L at the model's parameters (mean cross-entropy over all the samples)."""
-        return float(sum(self._chunk_loss(self.params, x, y) for x, y in self.chunks()))
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        if v.shape != (self.dim,):
-            raise ValueError(f"expected a flat vector of {self.dim} entries, got {tuple(v.shape)}")
-        tangents = self.unflatten(v.to(self.dtype))
-        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        out_views = self.unflatten(out)
-        for x, y in self.chunks():
-            grad_fn = torch.func.grad(lambda p: self._chunk_loss(p, x, y))  # noqa: B023 - used at once
-            if self.mode == "reverse":
-                _, pullback = torch.func.vjp(grad_fn, self.params)
-                hv = pullback(tangents)[0]
-            else:
-                with warnings.catch_warnings():  # torch's forward-AD decompositions still call torch.jit.script
-                    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
-                    hv = torch.func.jvp(grad_fn, (self.params,), (tangents,))[1]
-            for n in self.names:
-                out_views[n].add_(hv[n])
-            del hv
-        self.count += 1
-        return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The algorithms (PyHessian's), on any symmetric operator given as v -> H v
-# ----------------------------------------------------------------------------------------------
-
-
-def _normalize(v: torch.Tensor) -> torch.Tensor:
-    return v / v.norm()
-
-
-def _orthonormalize(v: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
-    """v made orthogonal to the rows of `basis` (orthonormal), then normalized; Gram-Schmidt twice ("twice is
-    enough"), which in exact arithmetic is PyHessian's single pass."""
-    if basis is not None and len(basis):
-        for _ in range(2):
-            v = v - basis.T @ (basis @ v)
-    return _normalize(v)
-
-
-def _rademacher(dim: int, gen: torch.Generator, dtype, device) -> torch.Tensor:
-    return torch.randint(0, 2, (dim,), generator=gen, device=device).to(dtype).mul_(2).sub_(1)
-
-
-def _bar(total: int, desc: str):
-    return tqdm(total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True, file=sys.stderr)
-
-
-@dataclass
-class Eigen:
-    values: list[float]       # in the order found (largest magnitude first)
-    iterations: list[int]     # products used for each
-    converged: list[bool]     # relative change < tol before max_iter
-    vectors: torch.Tensor     # [top, dim], orthonormal rows
-
-
-def top_eigenvalues(hvp: Hvp, dim: int, top: int = 1, max_iter: int = 100, tol: float = 1e-3,
-                    gen: torch.Generator | None = None, dtype=torch.float32, device="cpu", desc: str = "") -> Eigen:
-    """PyHessian's hessian.eigenvalues: for each of the top eigenvalues, power iteration from a normalized Gaussian
-    vector, orthonormalized against the eigenvectors found before every product; the estimate is the Rayleigh
-    quotient v^T H v, stopped when |previous - estimate| / (|previous| + 1e-6) < tol. (PyHessian returns the
-    estimate before the last; this returns the last, which differs from it by less than tol.)"""
-    if not 1 <= top <= dim:
-        raise ConfigError(f"--top {top}: choose 1 to {dim} (the number of parameters)")
-    values, iters, conv = [], [], []
-    basis = torch.empty(0, dim, dtype=dtype, device=device)
-    for k in range(top):
-        v = _normalize(torch.randn(dim, generator=gen, dtype=dtype, device=device))
-        estimate, done, used = None, False, 0
-        with _bar(max_iter, f"{desc}eigenvalue {k + 1}/{top}") as bar:
-            for _ in range(max_iter):
-                v = _orthonormalize(v, basis)
-                hv = hvp(v)
-                current = float(torch.dot(hv, v))
-                used += 1
-                bar.update()
-                bar.set_postfix(eigenvalue=f"{current:.5g}", refresh=False)
-                v = _normalize(hv)
-                if estimate is not None and abs(estimate - current) / (abs(estimate) + 1e-6) < tol:
-                    estimate, done = current, True
-                    break
-                estimate = current
-        values.append(estimate)
-        iters.append(used)
-        conv.append(done)
-        basis = torch.cat([basis, _orthonormalize(v, basis)[None]])
-    return Eigen(values, iters, conv, basis)
-
-
-@dataclass
-class Trace:
-    estimates: list[float]    # z^T H z, one per Rademacher vector
-    converged: bool
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.estimates))
-
-    @property
-    def std(self) -> float:
-        return float(np.std(self.estimates, ddof=1)) if len(self.estimates) > 1 else 0.0
-
-    @property
-    def stderr(self) -> float:
-        """The standard error of the mean: std / sqrt(vectors)."""
-        return self.std / math.sqrt(len(self.estimates))
-
-
-def hutchinson_trace(hvp: Hvp, dim: int, max_iter: int = 100, tol: float = 1e-3, gen: torch.Generator | None = None,
-                     dtype=torch.float32, device="cpu", desc: str = "") -> Trace:
-    """PyHessian's hessian.trace: z^T H z over Rademacher vectors z until the running mean changes by less than tol
-    (relative: |mean - previous mean| / (|previous mean| + 1e-6), the first previous mean being 0)."""
-    estimates, previous = [], 0.0
-    with _bar(max_iter, f"{desc}trace") as bar:
-        for _ in range(max_iter):
-            z = _rademacher(dim, gen, dtype, device)
-            estimates.append(float(torch.dot(hvp(z), z)))
-            mean = float(np.mean(estimates))
-            bar.update()
-            bar.set_postfix(trace=f"{mean:.5g}", refresh=False)
-            if abs(mean - previous) / (abs(previous) + 1e-6) < tol:
-                return Trace(estimates, True)
-            previous = mean
-    return Trace(estimates, False)
-
-
-def lanczos(hvp: Hvp, v0: torch.Tensor, steps: int, bar=None) -> tuple[list[float], list[float]]:
-    """Lanczos with full reorthogonalization from v0 (normalized here): (alphas [m], betas [m-1]), m <= steps. Stops
-    early when the Krylov space is invariant (beta below 100 x machine epsilon x the largest |alpha| or beta so
-    far), where the quadrature is already exact; PyHessian would restart from a random vector there, which only
-    adds nodes of weight 0."""
-    dim = v0.numel()
-    steps = min(steps, dim)
-    basis = torch.empty(steps, dim, dtype=v0.dtype, device=v0.device)
-    basis[0] = _normalize(v0)
-    alphas, betas = [], []
-    eps = torch.finfo(v0.dtype).eps
-    w = None
-    for j in range(steps):
-        if j > 0:
-            beta = float(w.norm())
-            scale = max([abs(a) for a in alphas] + betas)
-            if beta <= 100 * eps * scale:
-                break
-            basis[j] = _orthonormalize(w / beta, basis[:j])
-            betas.append(beta)
-        v = basis[j]
-        hv = hvp(v)
-        alpha = float(torch.dot(hv, v))
-        alphas.append(alpha)
-        w = hv - alpha * v
-        if j > 0:
-            w = w - betas[-1] * basis[j - 1]
-        if bar is not None:
-            bar.update()
-    return alphas, betas
-
-
-def tridiagonal_quadrature(alphas: list[float], betas: list[float]) -> tuple[list[float], list[float]]:
-    """(nodes, weights): the eigenvalues of the Lanczos tridiagonal matrix and the squared first components of its
-    eigenvectors (weights sum to 1), ascending nodes, in float64."""
-    m = len(alphas)
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if m > 1:
-        b = torch.tensor(betas, dtype=torch.float64)
-        t += torch.diag(b, 1) + torch.diag(b, -1)
-    nodes, vectors = torch.linalg.eigh(t)
-    return nodes.tolist(), (vectors[0] ** 2).tolist()
-
-
-@dataclass
-class Density:
-    nodes: list[list[float]] = field(default_factory=list)    # one list per SLQ run
-    weights: list[list[float]] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)            # Lanczos steps done in each run
-
-
-def slq_density(hvp: Hvp, dim: int, runs: int = 1, steps: int = 100, gen: torch.Generator | None = None,
-                dtype=torch.float32, device="cpu", desc: str = "") -> Density:
-    """PyHessian's hessian.density: `runs` Lanczos runs of `steps` steps from normalized Rademacher vectors."""
-    out = Density()
-    for r in range(runs):
-        v0 = _rademacher(dim, gen, dtype, device)
-        with _bar(min(steps, dim), f"{desc}density run {r + 1}/{runs}") as bar:
-            alphas, betas = lanczos(hvp, v0, steps, bar)
-        nodes, weights = tridiagonal_quadrature(alphas, betas)
-        out.nodes.append(nodes)
-        out.weights.append(weights)
-        out.steps.append(len(alphas))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # One checkpoint
 # ----------------------------------------------------------------------------------------------
 
@@ -341,6 +113,7 @@ class Result:
     label: str
     loss: float
     params: int
+    names: list[str]
     eigen: Eigen
     trace: Trace
     density: Density
@@ -349,6 +122,7 @@ class Result:
 
     def to_dict(self, settings: dict) -> dict:
         return {"checkpoint": self.path, "label": self.label, "loss": self.loss, "parameters": self.params,
+                "parameter_names": self.names,
                 "top_eigenvalues": self.eigen.values, "eigenvalue_iterations": self.eigen.iterations,
                 "eigenvalue_converged": self.eigen.converged,
                 "trace": {"mean": self.trace.mean, "std": self.trace.std, "stderr": self.trace.stderr,
@@ -380,7 +154,7 @@ def study(op: HessianOperator, args, path: str, label: str) -> Result:
     if not all(math.isfinite(x) for x in values):
         raise DataError(f"{path}: Hessian-vector products hold NaN or inf values; study an earlier checkpoint "
                         "or use --dtype float64")
-    return Result(path, label, loss, op.dim, eigen, trace, density, op.count, time.perf_counter() - t0)
+    return Result(path, label, loss, op.dim, op.names, eigen, trace, density, op.count, time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +165,9 @@ def study(op: HessianOperator, args, path: str, label: str) -> Result:
 def write_table(rows: list[dict], path: Path) -> None:
     top = max(len(r["top_eigenvalues"]) for r in rows)
     s = rows[0]["settings"]
-    lines = [(f"Hessian of the mean cross-entropy over {s['samples']} training images ({s['data']}), eval mode, "
+    space = "every parameter" if s.get("params") is None else f"the parameters under {' '.join(s['params'])}"
+    lines = [(f"Hessian of the mean cross-entropy over {s['samples']} training images ({s['data']}) w.r.t. {space} "
+              f"({rows[0]['parameters']:,} of them), eval mode, "
               f"{s['dtype']}; trace by Hutchinson: the mean of z^T H z over Rademacher vectors z, their standard "
               "deviation and count, and the mean's standard error."), "",
              "| checkpoint | run | loss | top eigenvalue | " + ("top eigenvalues | " if top > 1 else "") +
@@ -429,13 +205,16 @@ def write_outputs(out: Path, results: list[Result], settings: dict) -> list[Path
 
 def build_parser() -> argparse.ArgumentParser:
     p = study_parser("hessian", "Top Hessian eigenvalues, trace and eigenvalue density (PyHessian's "
-                                            "algorithms) of trained checkpoints.")
+                                "algorithms) of trained checkpoints.")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="PT",
                    help="one or more last.pt / best.pt / gen<G>.pt files (one line each in the plot)")
     p.add_argument("--data", metavar="DIR",
                    help="tiny-imagenet-200 folder (default: the checkpoint's own --data, else the built-in synthetic set)")
     p.add_argument("--samples", type=int, default=200,
                    help="training images, at indices i * n // samples (default 200)")
+    p.add_argument("--params", nargs="+", metavar="PREFIX",
+                   help="the Hessian w.r.t. only the parameters under these module names (e.g. fc, layer4, "
+                        "layer4.2), the others held fixed (default: every parameter)")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/hessian-<timestamp>)")
     p.add_argument("--top", type=int, default=1, help="top eigenvalues by power iteration (default 1)")
     p.add_argument("--max-iter", type=int, default=100, help="power-iteration products per eigenvalue (default 100)")
@@ -476,9 +255,44 @@ def load_checkpoint(path: str, device: torch.device, trust: bool = False):
     return load_model(path, device, trust=trust)
 
 
+def data_root(args, config: dict, say) -> str:
+    """--data, else the folder the first checkpoint trained on, else the built-in synthetic set."""
+    root = args.data or config.get("data")
+    if args.data is None and root is not None and not Path(root).is_dir():
+        raise DataError(f"{root}: the data folder {args.checkpoint[0]} was trained on is not there any more; pass "
+                        "--data DIR (the tiny-imagenet-200 folder)")
+    if root is None:
+        from ..data.synthetic import ensure_synthetic
+
+        root = str(ensure_synthetic()[0])
+        say(f"no --data given and the checkpoint trained on the built-in synthetic set: using it ({root})")
+    return root
+
+
+def settings_of(args, root: str, n: int, device) -> dict:
+    return {"data": str(root), "samples": args.samples, "train_images": n, "sample_indices": "i * n // samples",
+            "loss": "mean cross-entropy, no label smoothing, model in eval mode", "params": args.params,
+            "top": args.top, "max_iter": args.max_iter, "tol": args.tol, "trace_max_iter": args.trace_max_iter,
+            "trace_tol": args.trace_tol, "slq_runs": args.slq_runs, "slq_steps": args.slq_steps,
+            "batch_size": args.batch_size, "hvp": args.hvp, "dtype": args.dtype, "seed": args.seed,
+            "device": str(device), "torch": torch.__version__}
+
+
+def summary(r: Result, top: int) -> str:
+    ev = ", ".join(f"{x:.5g}" for x in r.eigen.values)
+    its = "/".join(str(i) for i in r.eigen.iterations)
+    dens = (f", density: {sum(r.density.steps)} Lanczos steps, nodes {min(min(x) for x in r.density.nodes):.4g} "
+            f"to {max(max(x) for x in r.density.nodes):.4g}") if r.density.nodes else ""
+    late = "" if all(r.eigen.converged) else ", not all within --tol"
+    return (f"{r.label}: loss {r.loss:.4f}, top eigenvalue{'s' if top > 1 else ''} {ev} ({its} iterations{late}), "
+            f"trace {r.trace.mean:.5g} (std {r.trace.std:.3g} over {len(r.trace.estimates)} vectors, standard error "
+            f"{r.trace.stderr:.2g}{'' if r.trace.converged else ', not within --trace-tol'}){dens}; "
+            f"{r.products} Hessian-vector products, {r.seconds:.1f} s")
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    say = lambda msg: print(msg, flush=True)
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
     check_args(args)
     device = pick_device(args.device)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
@@ -489,15 +303,8 @@ def run(argv: list[str] | None = None) -> int:
     out = open_output(args.out, "hessian")
 
     models = [load_checkpoint(p, device, trust=args.trust_checkpoint) for p in args.checkpoint]
-    root = args.data or models[0][1].get("data")
-    if args.data is None and root is not None and not Path(root).is_dir():
-        raise DataError(f"{root}: the data folder {args.checkpoint[0]} was trained on is not there any more; pass "
-                        "--data DIR (the tiny-imagenet-200 folder)")
-    if root is None:
-        from ..data.synthetic import ensure_synthetic
-
-        root = str(ensure_synthetic()[0])
-        say(f"no --data given and the checkpoint trained on the built-in synthetic set: using it ({root})")
+    selected = [select_params([n for n, _ in m.named_parameters()], args.params) for m, _, _ in models]
+    root = data_root(args, models[0][1], say)
     images, labels, n, classes = load_samples(root, args.samples)
     for (model, _, _), path in zip(models, args.checkpoint):
         if model.fc.out_features != len(classes):
@@ -507,40 +314,28 @@ def run(argv: list[str] | None = None) -> int:
 
     inputs = normalize(images, device, channels_last=False, dtype=dtype)
     labels = labels.to(device)
-    dims = [sum(p.numel() for p in m.parameters()) for m, _, _ in models]
-    dim = max(dims)
+    sizes = [dict(m.named_parameters()) for m, _, _ in models]
+    dim = max(sum(p[name].numel() for name in names) for p, names in zip(sizes, selected))
+    total = max(sum(q.numel() for q in p.values()) for p in sizes)
     need = args.slq_steps * dim * (8 if dtype == torch.float64 else 4) if args.slq_runs else 0
     if need > 0.8 * free_memory(device):
         raise ConfigError(f"--slq-steps {args.slq_steps}: the Lanczos basis needs {need / 1e9:.1f} GB but "
                           f"{free_memory(device) / 1e9:.1f} GB are free on {device}; lower --slq-steps")
-    settings = {"data": str(root), "samples": args.samples, "train_images": n, "sample_indices": "i * n // samples",
-                "loss": "mean cross-entropy, no label smoothing, model in eval mode", "top": args.top,
-                "max_iter": args.max_iter, "tol": args.tol, "trace_max_iter": args.trace_max_iter,
-                "trace_tol": args.trace_tol, "slq_runs": args.slq_runs, "slq_steps": args.slq_steps,
-                "batch_size": args.batch_size, "hvp": args.hvp, "dtype": args.dtype, "seed": args.seed,
-                "device": str(device), "torch": torch.__version__}
+    settings = settings_of(args, root, n, device)
+    space = ("every parameter" if args.params is None else
+             f"the parameters under {' '.join(args.params)} ({len(selected[0])} tensors, {dim:,} of {total:,})")
     say(f"Hessian of the mean cross-entropy over {args.samples} of {n} training images (indices i * {n} // "
-        f"{args.samples}) of {root}, {dim / 1e6:.2f}M parameters, {args.dtype} on {device}; products by "
+        f"{args.samples}) of {root}, {dim / 1e6:.2f}M parameters ({space}), {args.dtype} on {device}; products by "
         f"{'double backward' if args.hvp == 'reverse' else 'forward-over-reverse'} in chunks of "
         f"{min(args.batch_size, args.samples)}")
     results = []
-    for (model, _, label), path in zip(models, args.checkpoint):
+    for (model, _, label), path, names in zip(models, args.checkpoint, selected):
         model = model.to(dtype).eval()
-        op = HessianOperator(model, inputs, labels, args.batch_size, args.hvp)
-        r = study(op, args, path, label)
-        results.append(r)
-        ev = ", ".join(f"{x:.5g}" for x in r.eigen.values)
-        its = "/".join(str(i) for i in r.eigen.iterations)
-        dens = (f", density: {sum(r.density.steps)} Lanczos steps, nodes {min(min(x) for x in r.density.nodes):.4g} "
-                f"to {max(max(x) for x in r.density.nodes):.4g}") if r.density.nodes else ""
-        late = "" if all(r.eigen.converged) else ", not all within --tol"
-        say(f"{label}: loss {r.loss:.4f}, top eigenvalue{'s' if args.top > 1 else ''} {ev} ({its} iterations{late}), "
-            f"trace {r.trace.mean:.5g} (std {r.trace.std:.3g} over {len(r.trace.estimates)} vectors, standard error "
-            f"{r.trace.stderr:.2g}{'' if r.trace.converged else ', not within --trace-tol'}){dens}; "
-            f"{r.products} Hessian-vector products, {r.seconds:.1f} s")
+        op = HessianOperator(model, inputs, labels, args.batch_size, args.hvp, select=names)
+        results.append(study(op, args, path, label))
+        say(summary(results[-1], args.top))
         del op, model
-    written = write_outputs(out, results, settings)
-    report_written(written)
+    report_written(write_outputs(out, results, settings))
     return 0
 
 
