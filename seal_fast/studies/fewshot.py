@@ -115,7 +115,7 @@ def episode_accuracies(feats: torch.Tensor, idx: torch.Tensor, shots: int, l2: f
     standardized support (label = the class's position in the episode), chunk episodes at a time."""
     from tqdm import tqdm
 
-    from .transfer import NEWTON_MAX_VARS, fit_logreg
+    from .transfer_probe import NEWTON_MAX_VARS, fit_logreg
 
     e, ways, per = idx.shape
     if (min(ways * shots, feats.shape[1]) + 1) * ways > NEWTON_MAX_VARS:
