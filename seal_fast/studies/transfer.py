@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="let torchvision download flowers102 / fgvc-aircraft")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/transfer-<timestamp>)")
     p.add_argument("--image-size", type=int, default=PRETRAIN_SIZE,
-                   help="center-crop size (default 64, the pre-training resolution; 224 = LLF's transform)")
+                   help="center-crop size (default 64, the pre-training resolution; 224: shorter side 256, center "
+                        "crop 224, the resolution of Kornblith et al. 2019's ResNet-50 features)")
     p.add_argument("--resize", type=int, help="shorter side before the crop (default: 64 at 64, else size*256/224)")
     p.add_argument("--l2-grid", type=grid_value, nargs="+", default=["paper"], metavar="L2",
                    help="l2 strengths to choose from on val: values, or one name: paper (the default: Kornblith et "
@@ -207,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "15 values: this study's earlier default)")
     p.add_argument("--seed", type=int, default=0, help="the held-out val split when a dataset has no val (default 0)")
     p.add_argument("--max-iter", type=int, default=MAX_ITER, help="L-BFGS iterations per fit at most (default 1000)")
-    p.add_argument("--tol", type=float, default=TOL, help="stop when the largest gradient entry is below this")
+    p.add_argument("--tol", type=float, default=TOL, help="stop when the largest gradient entry is below this "
+                                                          "(default 1e-6)")
     add_extraction_args(p)
     return p
 
