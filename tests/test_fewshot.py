@@ -16,7 +16,9 @@ from test_transfer import draw, trained_run  # the same generated images and tra
 from seal_fast.studies import fewshot
 from seal_fast.data.folders import open_fewshot, write_image_folder
 from seal_fast.errors import DataError
-from seal_fast.studies.fewshot import ci95, episode_accuracies, sample_episodes, support_standardizer
+from seal_fast.studies.fewshot import ci95, sample_episodes
+from seal_fast.studies.fewshot_heads import (BSCD, bscd_episode_accuracies, bscd_init, bscd_permutations, bscd_train,
+                                             episode_accuracies, support_standardizer)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EUROSAT = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture"]
@@ -92,6 +94,93 @@ def test_head_per_episode_separable_random_and_batched():
     acc, _ = episode_accuracies(noise, sample_episodes(labels, 5, 5, 15, 200, 1)[0], 5, 1 / 25, CPU, 200,
                                 progress=False)
     assert 14 < float(acc.mean()) < 26                                     # chance is 20%
+
+
+# ----------------------------------------------------------------------------------------------
+# BSCD-FSL's head (--head bscd)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """The SGD head takes hundreds of steps on tiny tensors: on a shared 2-core machine, thread hand-offs cost far more
+    than the arithmetic (measured: 43 ms a step with 2 threads under load, 1.9 ms with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bscd_reference(xs, ys, xq, seed, episodes, dtype):
+    """finetune.py (IBM/cdfsl-benchmark @5cfa669) lines 77-154 with the backbone frozen and its features given,
+    written out as they are: np.random.seed once (line 164), then per episode a fresh Classifier (nn.Linear, default
+    init from torch's global generator), SGD(lr 0.01, momentum 0.9, dampening 0.9, weight_decay 0.001), 100 epochs of
+    np.random.permutation in batches of 4, zero_grad / CrossEntropyLoss / backward / step; then topk(1) on the
+    queries. Returns each episode's final (weight, bias) and predictions."""
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    out = []
+    for e in range(episodes):
+        classifier = torch.nn.Linear(xs.shape[2], int(ys.max()) + 1).to(dtype)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        classifier_opt = torch.optim.SGD(classifier.parameters(), lr=0.01, momentum=0.9, dampening=0.9,
+                                         weight_decay=0.001)
+        support_size, batch_size = len(ys), 4
+        x_a_i, y_a_i = xs[e].to(dtype), ys
+        for epoch in range(100):
+            rand_id = np.random.permutation(support_size)
+            for j in range(0, support_size, batch_size):
+                classifier_opt.zero_grad()
+                selected_id = torch.from_numpy(rand_id[j: min(j + batch_size, support_size)])
+                loss = loss_fn(classifier(x_a_i[selected_id]), y_a_i[selected_id])
+                loss.backward()
+                classifier_opt.step()
+        with torch.no_grad():
+            scores = classifier(xq[e].to(dtype))
+        out.append((classifier.weight.detach(), classifier.bias.detach(), scores.topk(1, 1, True, True)[1][:, 0]))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bscd_head_is_finetune_py_loop(dtype, one_thread):
+    """Two episodes, 3-way 3-shot (support 9: batches 4, 4, 1), 6-dim features: our batched SGD against the reference
+    loop above, same seed: the same init (bit for bit), the same weights (float64: to 1e-12; float32: to float32
+    rounding; bit-identical in both on the 2-core CPU this was written on) and the same predictions."""
+    g = torch.Generator().manual_seed(0)
+    episodes, ways, shots, dim = 2, 3, 3, 6
+    xs = torch.rand(episodes, ways * shots, dim, generator=g, dtype=torch.float64)
+    xq = torch.rand(episodes, ways * 4, dim, generator=g, dtype=torch.float64)
+    ys = torch.arange(ways).repeat_interleave(shots)
+    ref = bscd_reference(xs, ys, xq, 7, episodes, dtype)
+    w0, b0 = bscd_init(episodes, dim, ways, torch.Generator().manual_seed(7), dtype)
+    torch.manual_seed(7)
+    first = torch.nn.Linear(dim, ways)                       # the init is nn.Linear's own draw, bit for bit
+    assert torch.equal(w0[0], first.weight.detach().to(dtype)) and torch.equal(b0[0], first.bias.detach().to(dtype))
+    perms = bscd_permutations(np.random.RandomState(7), episodes, ways * shots, BSCD["epochs"])
+    w, b = bscd_train(xs.to(dtype), ys, w0, b0, perms)
+    tol = {"atol": 1e-12, "rtol": 0} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 0}
+    for e, (rw, rb, pred) in enumerate(ref):
+        assert torch.allclose(w[e], rw, **tol) and torch.allclose(b[e], rb, **tol), (w[e] - rw).abs().max()
+        assert torch.equal((xq[e].to(dtype) @ w[e].T + b[e]).argmax(1), pred)
+    assert not torch.allclose(w, w0)  # it trained
+
+
+def test_bscd_head_separable_reaches_100_and_is_seeded(one_thread):
+    g = torch.Generator().manual_seed(0)
+    classes, per, d = 8, 30, 16
+    labels = torch.arange(classes).repeat_interleave(per)
+    centers = 6 * torch.rand(classes, d, generator=g)                    # nonnegative, as pooled ReLU features
+    feats = (centers[labels] + 0.1 * torch.rand(len(labels), d, generator=g)).float()
+    idx, _ = sample_episodes(labels, 5, 2, 15, 24, seed=0)
+    acc, stats = bscd_episode_accuracies(feats, idx, 2, CPU, chunk=24, progress=False)
+    assert torch.equal(acc, torch.full((24,), 100.0, dtype=acc.dtype))
+    assert stats["sgd_steps"] == 100 * 3 and stats["seed"] == 10 and stats["lr"] == 0.01   # 10 images: 4 + 4 + 2
+    again, _ = bscd_episode_accuracies(feats, idx, 2, CPU, chunk=10, progress=False)    # other chunks: same draws
+    assert torch.equal(acc, again)
+    noise = torch.rand(len(labels), d, generator=g)
+    runs = [bscd_episode_accuracies(noise, idx, 2, CPU, chunk=24, seed=s, progress=False)[0] for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])   # a seed decides, and only it
+    assert 10 < float(runs[0].mean()) < 35                                       # chance is 20%
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +267,16 @@ def test_cli_keeps_earlier_rows_and_same_episodes_across_runs(run_dir, tmp_path,
     rows = json.loads((tmp_path / "o" / "fewshot.json").read_text())["results"]
     assert [r["label"].split(" (")[1] for r in rows] == ["study-run/last.pt)", "study-run/best.pt)"]
     assert rows[0]["episodes_sha1"] == rows[1]["episodes_sha1"] and rows[1]["paired"]["vs"] == rows[0]["label"]
+    code, out, _ = run_cli(capsys, "--checkpoint", run_dir / "last.pt", run_dir / "best.pt", "--head", "bscd", *common)
+    assert code == 0 and "kept 2 result(s)" in out and "bscd head, 300 SGD steps" in out   # 10 images: 3 batches
+    doc = json.loads((tmp_path / "o" / "fewshot.json").read_text())
+    rows = doc["results"]
+    assert [r["head"] for r in rows] == ["logreg", "logreg", "bscd", "bscd"]
+    assert rows[2]["head_seed"] == 10 and rows[2]["l2"] is None and rows[2]["solver"]["momentum"] == 0.9
+    assert rows[3]["paired"]["vs"] == rows[2]["label"] and rows[2]["episodes_sha1"] == rows[0]["episodes_sha1"]
+    assert "SGD(lr 0.01, momentum 0.9, dampening 0.9, weight_decay 0.001" in doc["protocol"]["solver"]
+    table = (tmp_path / "o" / "table.md").read_text()
+    assert "shapes 5-way 2-shot, 24 px |" in table and "shapes 5-way 2-shot, 24 px, bscd head |" in table
 
 
 def test_cli_bad_input_is_one_line(run_dir, eurosat, tmp_path, capsys):
@@ -194,6 +293,8 @@ def test_cli_bad_input_is_one_line(run_dir, eurosat, tmp_path, capsys):
         (ok + ["--dataset", "eurosat", "--root", eurosat, "--shots", "20"], "only 0 classes have 35 images"),
         (ok + ["--dataset", "eurosat", "--root", eurosat, "--ways", "1"], "--ways 1"),
         (ok + ["--dataset", "eurosat", "--root", eurosat, "--l2", "-1"], "--l2 -1.0"),
+        (ok + ["--dataset", "eurosat", "--root", eurosat, "--head", "bscd", "--l2", "0.1"], "--l2 is the logreg"),
+        (ok + ["--dataset", "eurosat", "--root", eurosat, "--head", "bscd", "--head-seed", "-1"], "--head-seed -1"),
         (ok + ["--dataset", "flowers102", "--root", eurosat], "choose one of eurosat, cropdisease, folder"),
         (["--checkpoint", wrong, "--dataset", "eurosat", "--root", eurosat, "--shots", "1", "--queries", "2"],
          "not a resnet18's"),

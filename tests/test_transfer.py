@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from seal_fast.studies import transfer
+from seal_fast.studies import transfer, transfer_probe
 from seal_fast.data import folders
 from seal_fast.data.folders import open_transfer, write_image_folder
 from seal_fast.errors import DataError
-from seal_fast.studies.transfer import fit_logreg, holdout, linear_probe, standardizer
+from seal_fast.studies.transfer_probe import (NARROW_GRID, PAPER_GRID, fit_logreg, holdout, linear_probe,
+                                             mean_per_class, scores, standardizer)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -215,6 +216,8 @@ def test_probe_beats_chance_on_separable_features():
     train, val, test = sample(30), sample(10), sample(20)
     r = linear_probe(train, test, c, val=val, grid=[1e-3, 1e-1, 10.0])
     assert r["top1"] >= 95 and r["val_source"] == "the dataset's val split" and r["refit_images"] == 200
+    assert r["mean_per_class"] == pytest.approx(r["top1"])  # a balanced test set: the two metrics agree
+    assert all("val_mean_per_class" in p for p in r["grid"])
     assert [p["l2"] for p in r["grid"]] == [10.0, 0.1, 1e-3] and r["solver"]["converged"]
     held = linear_probe(train, test, c, grid=[1e-2], seed=3)
     assert held["top1"] >= 95 and held["val_images"] == 15 and held["fit_images"] == 135
@@ -222,6 +225,39 @@ def test_probe_beats_chance_on_separable_features():
     noise = linear_probe((torch.randn(150, d, generator=g), train[1]), (torch.randn(100, d, generator=g), test[1]), c,
                          grid=[1.0])
     assert noise["top1"] < 45  # unrelated features stay near chance (20%)
+
+
+def test_mean_per_class_by_hand_on_an_imbalanced_set():
+    """6 / 3 / 1 test images in classes 0 / 1 / 2; right: 5 of 6, 1 of 3, 0 of 1. Top-1 = 6 / 10 = 60%; mean per-class
+    = (5/6 + 1/3 + 0) / 3 = 38.89%; a class with no test image (3) counts in neither."""
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])
+    pred = torch.tensor([0, 0, 0, 0, 0, 1, 1, 0, 2, 0])
+    assert mean_per_class(pred, y) == pytest.approx(100 * (5 / 6 + 1 / 3 + 0) / 3, abs=1e-12)
+    # through a head: logits = x W + b with x one-hot of the predicted class (4 classes, class 3 never a label)
+    x = torch.nn.functional.one_hot(pred, 4).double()
+    head = transfer_probe.Head(torch.eye(4, dtype=torch.float64)[None], torch.zeros(1, 4, dtype=torch.float64), 0, 0,
+                               0.0, True)
+    top1, mpc = scores(head, x, y)
+    assert top1 == pytest.approx(60.0) and mpc == pytest.approx(38.8888888888889)
+    balanced = torch.tensor([0, 0, 1, 1])
+    assert mean_per_class(torch.tensor([0, 1, 1, 1]), balanced) == pytest.approx(75.0)  # = top-1 when balanced
+
+
+def test_l2_grids_are_the_papers_and_the_narrow_one():
+    """Kornblith et al. 2019: 45 values log-spaced between 1e-6 and 1e5 (np.logspace(-6, 5, 45)), the default; the
+    earlier 15-value grid (1e-6 .. 1e1, every half decade) by name."""
+    assert len(PAPER_GRID) == 45 and PAPER_GRID[0] == 1e5 and PAPER_GRID[-1] == pytest.approx(1e-6, rel=1e-15)
+    assert np.allclose(PAPER_GRID, np.logspace(-6, 5, 45)[::-1], rtol=1e-13, atol=0)
+    assert np.allclose(np.diff(np.log10(PAPER_GRID)), -0.25)
+    assert len(NARROW_GRID) == 15 and NARROW_GRID[0] == 10.0 and NARROW_GRID[-1] == pytest.approx(1e-6)
+    assert all(any(math.isclose(v, w, rel_tol=1e-12) for w in PAPER_GRID) for v in NARROW_GRID)  # a subset
+    parse = transfer.build_parser().parse_args
+    base = ["--checkpoint", "x.pt", "--dataset", "synthetic"]
+    assert transfer.resolve_grid(parse(base).l2_grid) == PAPER_GRID
+    assert transfer.resolve_grid(parse(base + ["--l2-grid", "narrow"]).l2_grid) == NARROW_GRID
+    assert transfer.resolve_grid(parse(base + ["--l2-grid", "1", "0.1"]).l2_grid) == [1.0, 0.1]
+    with pytest.raises(transfer.ConfigError, match="stands alone"):
+        transfer.resolve_grid(parse(base + ["--l2-grid", "paper", "1"]).l2_grid)
 
 
 def test_holdout_is_stratified_and_seeded():
@@ -328,12 +364,16 @@ def test_cli_end_to_end(run_dir, folder_set, tmp_path):
         assert r["dataset"] == "shapes" and r["classes"] == 4 and r["feature_dim"] == 512
         assert r["val_source"].startswith("held-out") and r["test_images"] == 32 and r["train_images"] == 48
         assert r["top1"] >= 50, r  # chance is 25%: the frozen features of a trained network carry the shapes
+        assert r["mean_per_class"] == pytest.approx(r["top1"])  # 8 test images a class: balanced
+    assert "mean per-class" in res.stdout and "given on the command line (2 values)" in res.stdout
     with open(out / "transfer.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and {"checkpoint", "dataset", "top1"} <= set(rows[0])
     assert float(rows[0]["top1"]) == pytest.approx(doc["results"][0]["top1"], abs=0.005)
+    assert float(rows[0]["mean_per_class"]) == pytest.approx(doc["results"][0]["mean_per_class"], abs=0.005)
     table = (out / "table.md").read_text()
     assert "| checkpoint | shapes (32 px) |" in table and "| SEAL | 45.68 | 8.49 | 9.81 | 35.37 | 12.61 |" in table
+    assert table.count("| checkpoint | shapes (32 px) |") == 2 and "Mean per-class accuracy" in table
     assert len(list(cache.glob("shapes-*.pt"))) == 4   # train and test, for each checkpoint
 
 

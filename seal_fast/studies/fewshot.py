@@ -17,16 +17,18 @@ The protocol, every choice of it (also written into fewshot.json under "protocol
 - Backbone: frozen, eval mode; features are the global-average-pooled output of the last residual block (fc's
   input), extracted once per checkpoint x dataset x transform and cached (features.py), bf16 autocast where bf16
   is native, else fp32, kept in fp32.
-- Head, per episode: the transfer probe's head. The episode's features are standardized with its support set's
-  per-dimension mean and standard deviation (a dimension constant on the support keeps scale 1), then a
-  multinomial logistic regression with a bias per class is fitted on the support: objective mean cross-entropy +
-  (l2 / 2) ||W||^2, bias unpenalized, l2 = 1 / (ways * shots) by default (--l2). That is scikit-learn's
-  make_pipeline(StandardScaler(), LogisticRegression()) with its defaults (C = 1), solved to the optimum (largest
-  gradient entry <= 1e-6) by Newton's method in float64, all episodes of a chunk at once on the study's device
-  (transfer.fit_logreg: a batched Cholesky solve and a line search per episode, in an orthonormal basis of each
-  episode's support span, which is exact; about 10 iterations; L-BFGS, up to 1,000 iterations, instead above
-  2,048 variables an episode). BSCD-FSL itself trains a linear layer by 100 epochs of SGD; a convex head solved
-  exactly has no learning rate, epochs or batch order to report, and no hyper-parameter is tuned on query labels.
+- Head, per episode (--head; fewshot_heads.py). logreg, the default: the transfer probe's head. The episode's
+  features are standardized with its support set's per-dimension mean and standard deviation (a dimension constant
+  on the support keeps scale 1), then a multinomial logistic regression with a bias per class is fitted on the
+  support: objective mean cross-entropy + (l2 / 2) ||W||^2, bias unpenalized, l2 = 1 / (ways * shots) by default
+  (--l2). That is scikit-learn's make_pipeline(StandardScaler(), LogisticRegression()) with its defaults (C = 1),
+  solved to the optimum (largest gradient entry <= 1e-6) by Newton's method in float64, all episodes of a chunk at
+  once (transfer_probe.fit_logreg, exact in an orthonormal basis of each support's span; about 10 iterations):
+  deterministic, no learning rate, epochs or batch order, and no hyper-parameter tuned on query labels.
+  bscd: BSCD-FSL's own head as their finetune.py trains it (IBM/cdfsl-benchmark @5cfa669): a fresh nn.Linear with
+  PyTorch's default init per episode on the raw features, SGD lr 0.01 / momentum 0.9 / dampening 0.9 / weight decay
+  0.001, 100 epochs of batches of 4 in np.random.permutation order, cross-entropy; --head-seed (default 10, their
+  np.random.seed(10)) seeds the batch orders and the inits.
 - Reported: mean query accuracy over episodes (%) and the 95% confidence interval 1.96 * std / sqrt(episodes),
   with numpy's population std (ddof 0), exactly as BSCD-FSL computes it.
 
@@ -52,9 +54,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .features import add_extraction_args
-from ..runtime import default_workers, free_memory
+from ..runtime import default_workers
 from .command import open_output, report_written, study_main, study_parser
+from .features import add_extraction_args
+from .fewshot_heads import BSCD, HEADS, bscd_chunk, bscd_episode_accuracies, episode_accuracies, episode_chunk
 
 PRETRAIN_SIZE = 64
 PAPER_20SHOT = {"normal": {"EuroSAT": "81.52", "CropDisease": "87.43"},
@@ -108,80 +111,25 @@ def ci95(acc) -> float:
     return float(1.96 * acc.std() / math.sqrt(len(acc)))
 
 
-def episode_accuracies(feats: torch.Tensor, idx: torch.Tensor, shots: int, l2: float, device: torch.device,
-                       chunk: int, max_iter: int = 100, tol: float = 1e-6,
-                       progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """(query accuracy (%) of each episode [E], solver stats): a logistic-regression head fitted on each episode's
-    standardized support (label = the class's position in the episode), chunk episodes at a time."""
-    from tqdm import tqdm
-
-    from .transfer import NEWTON_MAX_VARS, fit_logreg
-
-    e, ways, per = idx.shape
-    if (min(ways * shots, feats.shape[1]) + 1) * ways > NEWTON_MAX_VARS:
-        max_iter = None  # the L-BFGS fallback keeps its own limit
-    queries = per - shots
-    ys = torch.arange(ways, device=device).repeat_interleave(shots)
-    yq = torch.arange(ways, device=device).repeat_interleave(queries)
-    out, stats = [], {"fits": 0, "iterations_max": 0, "grad_max": 0.0, "converged": True}
-    feats = feats.to(device)
-    for lo in tqdm(range(0, e, chunk), desc="episodes", leave=False, disable=None if progress else True,
-                   dynamic_ncols=True, file=sys.stderr):
-        block = idx[lo:lo + chunk].to(device)
-        n = len(block)
-        xs = feats[block[:, :, :shots].reshape(n, -1)].double()
-        xq = feats[block[:, :, shots:].reshape(n, -1)].double()
-        mean, scale = support_standardizer(xs)
-        xs, xq = (xs - mean) / scale, (xq - mean) / scale
-        head = fit_logreg(xs, ys.expand(n, -1), ways, l2, max_iter=max_iter, tol=tol)
-        pred = head.logits(xq).argmax(-1)
-        out.append(100.0 * (pred == yq).double().mean(1).cpu())
-        stats["fits"] += 1
-        stats["iterations_max"] = max(stats["iterations_max"], head.iterations)
-        stats["grad_max"] = max(stats["grad_max"], head.grad_max)
-        stats["converged"] &= head.converged
-    return torch.cat(out), stats
-
-
-def support_standardizer(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per episode (xs [E, N, D]): the support's per-dimension mean and std [E, 1, D]; a dimension (near-)constant on
-    the support keeps scale 1 (transfer.standardizer, batched)."""
-    mean = xs.mean(1, keepdim=True)
-    std = xs.std(1, keepdim=True, unbiased=False)
-    big = std > 1e-6 * std.amax(2, keepdim=True).clamp_min(1e-30)
-    return mean, torch.where(big, std, torch.ones_like(std))
-
-
-def episode_chunk(ways: int, shots: int, queries: int, dim: int, device: torch.device, episodes: int) -> int:
-    """Episodes per batched fit: their float64 features, span basis, Newton Hessian (3 copies) and work space in a
-    quarter of the free memory (at most 1 GB on a CPU, where bigger blocks only cost page faults)."""
-    span = min(ways * shots, dim)
-    m = (span + 1) * ways
-    per_episode = 8 * (ways * (shots + queries) * dim * 3 + dim * span + 3 * m * m)
-    budget = 0.25 * free_memory(device)
-    if device.type != "cuda":
-        budget = min(budget, 1e9)
-    return int(max(1, min(episodes, budget // per_episode)))
-
-
 # ----------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------
 
-CSV_COLUMNS = ["checkpoint", "label", "method", "dataset", "image_size", "ways", "shots", "queries", "episodes",
+CSV_COLUMNS = ["checkpoint", "label", "method", "dataset", "image_size", "head", "ways", "shots", "queries", "episodes",
                "accuracy", "ci95", "paired_vs", "paired_diff", "paired_ci95"]
 
 
 def row_key(r: dict) -> tuple:
     return (r["checkpoint"], r["dataset"], r["image_size"], r["resize"], r["ways"], r["shots"], r["queries"],
-            r["episodes"], r["seed"])
+            r["episodes"], r["seed"], r.get("head", "logreg"), r.get("head_seed"))
 
 
 def add_paired(rows: list[dict]) -> None:
     """Each row's per-episode difference to the first row of the same dataset / setting over the same episodes."""
     first = {}
     for r in rows:
-        group = (r["dataset"], r["image_size"], r["resize"], r["episodes_sha1"])
+        group = (r["dataset"], r["image_size"], r["resize"], r["episodes_sha1"], r.get("head", "logreg"),
+                 r.get("head_seed"))
         if group not in first:
             first[group] = r
             r["paired"] = None
@@ -193,14 +141,15 @@ def add_paired(rows: list[dict]) -> None:
 
 def column(r: dict) -> str:
     size = "" if r["image_size"] == PRETRAIN_SIZE else f", {r['image_size']} px"
-    return f"{r['dataset']} {r['ways']}-way {r['shots']}-shot{size}"
+    head = "" if r.get("head", "logreg") == "logreg" else f", {r['head']} head"
+    return f"{r['dataset']} {r['ways']}-way {r['shots']}-shot{size}{head}"
 
 
 def table_md(rows: list[dict]) -> str:
     cols = list(dict.fromkeys(column(r) for r in rows))
     labels = list(dict.fromkeys(r["label"] for r in rows))
     cell = {(r["label"], column(r)): r for r in rows}
-    title = ("# Few-shot (BSCD-FSL protocol, frozen backbone, logistic regression per episode): query accuracy (%) "
+    title = ("# Few-shot (BSCD-FSL protocol, frozen backbone, a linear head per episode): query accuracy (%) "
              "± 95% interval")
     lines = [title, "", "| checkpoint | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for lab in labels:
@@ -218,10 +167,11 @@ def table_md(rows: list[dict]) -> str:
                   "comparison:", "", "| method | EuroSAT | CropDisease |", "|---|---:|---:|"]
     for method, vals in PAPER_20SHOT.items():
         lines.append(f"| {method} | {vals['EuroSAT']} | {vals['CropDisease']} |")
-    lines += ["", ("Protocol: episodes drawn from a seed (the same for every checkpoint), BSCD-FSL's test transform, "
-                   "pooled features standardized on each episode's support, logistic regression (l2 = 1 / support "
-                   "size unless --l2) solved to the optimum per episode; interval 1.96 * std / sqrt(episodes). "
-                   "Details: fewshot.json."), ""]
+    lines += ["", ("Protocol: episodes drawn from a seed (the same for every checkpoint), BSCD-FSL's test transform; "
+                   "head logreg (the default): pooled features standardized on each episode's support, logistic "
+                   "regression (l2 = 1 / support size unless --l2) solved to the optimum per episode; head bscd: "
+                   "BSCD-FSL's nn.Linear trained by 100 epochs of SGD on the raw features, as their finetune.py; "
+                   "interval 1.96 * std / sqrt(episodes). Details: fewshot.json."), ""]
     return "\n".join(lines)
 
 
@@ -236,7 +186,8 @@ def write_outputs(out: Path, rows: list[dict], protocol: dict) -> list[Path]:
         w.writerow(CSV_COLUMNS)
         for r in rows:
             p = r.get("paired") or {}
-            w.writerow([r["checkpoint"], r["label"], r["method"], r["dataset"], r["image_size"], r["ways"], r["shots"],
+            w.writerow([r["checkpoint"], r["label"], r["method"], r["dataset"], r["image_size"],
+                        r.get("head", "logreg"), r["ways"], r["shots"],
                         r["queries"], r["episodes"], f"{r['accuracy']:.2f}", f"{r['ci95']:.2f}", p.get("vs", ""),
                         f"{p['diff']:+.2f}" if p else "", f"{p['ci95']:.2f}" if p else ""])
     (out / "table.md").write_text(table_md(rows))
@@ -266,24 +217,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=15, help="query images per class (default 15)")
     p.add_argument("--episodes", type=int, default=600, help="episodes (default 600)")
     p.add_argument("--seed", type=int, default=0, help="the episodes' seed (default 0)")
-    p.add_argument("--l2", type=float, help="the head's l2 strength (default 1 / (ways * shots), i.e. C = 1)")
+    p.add_argument("--head", choices=HEADS, default="logreg",
+                   help="the linear head fitted per episode: logreg (the default: standardized features, logistic "
+                        "regression solved exactly, no learning rate) or bscd (BSCD-FSL's own: nn.Linear trained "
+                        "by 100 epochs of SGD, lr 0.01, momentum 0.9, dampening 0.9, weight decay 0.001, batches of "
+                        "4, on the raw features, as their finetune.py)")
+    p.add_argument("--head-seed", type=int, default=BSCD["seed"],
+                   help="--head bscd: seeds the batch orders (numpy RandomState) and nn.Linear's init (a torch "
+                        "Generator) (default 10, BSCD-FSL's np.random.seed(10))")
+    p.add_argument("--l2", type=float, help="--head logreg: the l2 strength (default 1 / (ways * shots), i.e. "
+                                            "scikit-learn's C = 1)")
     p.add_argument("--image-size", type=int, default=PRETRAIN_SIZE,
                    help="center-crop size (default 64, the pre-training resolution; BSCD-FSL's own is 224)")
     p.add_argument("--resize", type=int, help="both sides resized to this before the crop (default int(1.15 * size))")
-    p.add_argument("--max-iter", type=int, default=100, help="Newton iterations per batch of episodes at most "
-                                                              "(default 100; about 10 are needed)")
-    p.add_argument("--tol", type=float, default=1e-6, help="stop when the largest gradient entry is below this")
+    p.add_argument("--max-iter", type=int, default=100, help="--head logreg: Newton iterations per batch of "
+                                                              "episodes at most (default 100; about 10 are needed)")
+    p.add_argument("--tol", type=float, default=1e-6, help="--head logreg: stop when the largest gradient entry is "
+                                                            "below this (default 1e-6)")
     add_extraction_args(p)
     return p
 
 
-def run(argv: list[str] | None = None) -> int:
-    from ..data.folders import open_fewshot, synthetic_dataset
-    from .features import Transform
-    from .transfer import NEWTON_MAX_VARS, check_common, pair_roots, read_previous, setup
+def check_args(args) -> None:
+    from .transfer import check_common
 
-    args = build_parser().parse_args(argv)
-    say = lambda msg: print(msg, flush=True)  # noqa: E731
     check_common(args)
     if args.ways < 2:
         raise ConfigError(f"--ways {args.ways}: an episode needs at least 2 classes")
@@ -291,9 +248,20 @@ def run(argv: list[str] | None = None) -> int:
         raise ConfigError("--shots, --queries and --episodes must be at least 1")
     if args.l2 is not None and not (args.l2 > 0 and math.isfinite(args.l2)):
         raise ConfigError(f"--l2 {args.l2}: must be positive and finite")
+    if args.l2 is not None and args.head != "logreg":
+        raise ConfigError(f"--l2 is the logreg head's; --head {args.head} trains with BSCD-FSL's weight decay")
     if args.max_iter < 1 or not args.tol > 0:
         raise ConfigError("--max-iter must be at least 1 and --tol positive")
-    shots = list(dict.fromkeys(args.shots))
+    if not 0 <= args.head_seed < 2 ** 32:
+        raise ConfigError(f"--head-seed {args.head_seed}: 0 .. 2^32 - 1 (numpy's RandomState)")
+
+
+def open_datasets(args, shots: list[int], say) -> tuple[list, dict]:
+    """The datasets, and their episodes drawn first: a dataset that cannot fill them is refused before any network
+    runs."""
+    from ..data.folders import open_fewshot, synthetic_dataset
+    from .transfer import pair_roots
+
     datasets = []
     for kind, root, name in pair_roots(args.dataset, args.root, args.name):
         ds = synthetic_dataset("fewshot", root) if kind == "synthetic" else open_fewshot(kind, root, args.download)
@@ -302,45 +270,91 @@ def run(argv: list[str] | None = None) -> int:
         datasets.append(ds)
     if len({d.name for d in datasets}) != len(datasets):
         raise ConfigError("two --dataset entries have the same name; tell them apart with --name")
-
-    # the episodes first: a dataset that cannot fill them is refused before any network runs
     episodes = {}
     for ds in datasets:
         labels = torch.tensor(ds.splits["all"].labels)
         for s in shots:
-            idx, _ = sample_episodes(labels, args.ways, s, args.queries, args.episodes, args.seed)
-            episodes[(ds.name, s)] = idx
+            episodes[(ds.name, s)] = sample_episodes(labels, args.ways, s, args.queries, args.episodes, args.seed)[0]
         _, short = eligible_classes(labels, max(shots) + args.queries)
         say(f"{ds.name}: {len(ds.classes)} classes, {len(labels)} images ({ds.source})"
             + (f"; {len(short)} classes with fewer than {max(shots) + args.queries} images sit out the "
                f"{max(shots)}-shot episodes" if short else ""))
+    return datasets, episodes
 
-    out = open_output(args.out, "fewshot")
-    device, dtype, models, cache = setup(args, say)
-    transform = Transform(args.image_size, args.resize or default_resize(args.image_size), square=True)
-    workers = default_workers(args.workers)
-    protocol = {
+
+def head_protocol(args, device) -> dict:
+    if args.head == "bscd":
+        return {"head": "BSCD-FSL's (IBM/cdfsl-benchmark finetune.py @5cfa669, lines 25-33, 77, 85-139): a fresh "
+                        "nn.Linear(dim, ways) per episode with PyTorch's default init, on the raw pooled features "
+                        "(not standardized); nn.CrossEntropyLoss (batch mean)",
+                "solver": f"torch.optim.SGD(lr {BSCD['lr']}, momentum {BSCD['momentum']}, dampening "
+                          f"{BSCD['dampening']}, weight_decay {BSCD['weight_decay']}, the bias included), "
+                          f"{BSCD['epochs']} epochs over np.random.permutation(support) in batches of "
+                          f"{BSCD['batch_size']}, float32 on {device.type}, episodes batched (each its own "
+                          "optimizer state: the update is elementwise)",
+                "head_seed": f"{args.head_seed}: numpy RandomState({args.head_seed}) for the batch orders "
+                             f"(BSCD-FSL: np.random.seed(10)), torch.Generator().manual_seed({args.head_seed}) for "
+                             "the inits (BSCD-FSL leaves torch unseeded), both drawn episode after episode and "
+                             "restarted for every checkpoint x dataset x shots"}
+    from .transfer_probe import NEWTON_MAX_VARS
+
+    return {"head": "multinomial logistic regression with a bias per class on the support set, features "
+                    "standardized with the support's per-dimension mean / std; objective mean cross-entropy + "
+                    "l2/2 ||W||^2, bias unpenalized; l2 = "
+                    + (f"{args.l2:g}" if args.l2 is not None else "1 / (ways * shots) (scikit-learn's StandardScaler "
+                                                                  "+ LogisticRegression(C=1))"),
+            "solver": f"Newton's method (batched Cholesky solves, Armijo backtracking per episode; L-BFGS above "
+                      f"{NEWTON_MAX_VARS} variables an episode), float64 on {device.type}, episodes batched, in an "
+                      f"orthonormal basis of each support's span, until the largest gradient entry <= {args.tol:g} "
+                      f"or {args.max_iter} iterations"}
+
+
+def protocol_dict(args, shots, transform, dtype, device, cache) -> dict:
+    return {
         "episodes": f"{args.ways}-way, shots {shots}, {args.queries} queries per class, {args.episodes} episodes, "
                     f"classes then images drawn without replacement from numpy PCG64(SeedSequence([seed, ways, shots, "
                     f"queries])), seed {args.seed}; identical for every checkpoint",
         "transform": transform.describe(), "image_size": args.image_size, "resize": transform.resize,
         "features": "global-average-pooled output of the last residual block (fc's input), frozen network in eval "
-                    "mode; standardized per episode with the support set's per-dimension mean / std",
+                    "mode" + ("" if args.head == "bscd" else "; standardized per episode with the support set's "
+                                                              "per-dimension mean / std"),
         "precision": f"{'bf16 autocast' if dtype == torch.bfloat16 else 'fp16 autocast' if dtype else 'fp32'} "
                      "forward; features stored in fp32",
-        "head": "multinomial logistic regression with a bias per class on the support set; objective mean "
-                "cross-entropy + l2/2 ||W||^2, bias unpenalized; l2 = "
-                + (f"{args.l2:g}" if args.l2 is not None else "1 / (ways * shots) (scikit-learn's StandardScaler + "
-                                                               "LogisticRegression(C=1))"),
-        "solver": f"Newton's method (batched Cholesky solves, Armijo backtracking per episode; L-BFGS above "
-                  f"{NEWTON_MAX_VARS} variables an episode), float64 on {device.type}, episodes batched, in an "
-                  f"orthonormal basis of each support's span, until the largest gradient entry <= {args.tol:g} or "
-                  f"{args.max_iter} iterations",
+        **head_protocol(args, device),
         "score": "mean query accuracy (%) over episodes; 95% interval 1.96 * std(ddof=0) / sqrt(episodes) (BSCD-FSL)",
         "seed": args.seed, "feature_cache": str(cache.folder) if cache.folder is not None else None}
+
+
+def evaluate(args, feats, idx, s, device) -> tuple[torch.Tensor, dict, float | None]:
+    """One checkpoint x dataset x shots: (per-episode accuracy, solver stats, the l2 or None)."""
+    if args.head == "bscd":
+        chunk = bscd_chunk(args.ways, s, args.queries, feats.shape[1], device, args.episodes)
+        acc, stats = bscd_episode_accuracies(feats, idx, s, device, chunk, seed=args.head_seed)
+        return acc, stats, None
+    l2 = args.l2 if args.l2 is not None else 1.0 / (args.ways * s)
+    chunk = episode_chunk(args.ways, s, args.queries, feats.shape[1], device, args.episodes)
+    acc, stats = episode_accuracies(feats, idx, s, l2, device, chunk, args.max_iter, args.tol)
+    return acc, stats, l2
+
+
+def run(argv: list[str] | None = None) -> int:
+    from .features import Transform
+    from .transfer import read_previous, setup
+
+    args = build_parser().parse_args(argv)
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
+    check_args(args)
+    shots = list(dict.fromkeys(args.shots))
+    datasets, episodes = open_datasets(args, shots, say)
+    out = open_output(args.out, "fewshot")
+    device, dtype, models, cache = setup(args, say)
+    transform = Transform(args.image_size, args.resize or default_resize(args.image_size), square=True)
+    workers = default_workers(args.workers)
+    protocol = protocol_dict(args, shots, transform, dtype, device, cache)
+    head = (f"BSCD-FSL's linear head by SGD (float32, {device.type}, head seed {args.head_seed})" if args.head == "bscd"
+            else f"logistic regression per episode by Newton's method (float64, {device.type})")
     say(f"few-shot: {args.ways}-way {'/'.join(map(str, shots))}-shot, {args.queries} queries, {args.episodes} episodes "
-        f"(seed {args.seed}, the same for every checkpoint); {transform.describe()}; logistic regression per episode "
-        f"by Newton's method (float64, {device.type}); features cached in "
+        f"(seed {args.seed}, the same for every checkpoint); {transform.describe()}; {head}; features cached in "
         f"{cache.folder if cache.folder is not None else '(nowhere: --no-cache)'}")
     rows = []
     for model, cfg, label, path in models:
@@ -353,25 +367,11 @@ def run(argv: list[str] | None = None) -> int:
             t_feat = time.perf_counter() - t0
             for s in shots:
                 t1 = time.perf_counter()
-                idx = episodes[(ds.name, s)]
-                l2 = args.l2 if args.l2 is not None else 1.0 / (args.ways * s)
-                chunk = episode_chunk(args.ways, s, args.queries, feats.shape[1], device, args.episodes)
-                acc, solver = episode_accuracies(feats, idx, s, l2, device, chunk, args.max_iter, args.tol)
-                row = {"checkpoint": str(Path(path).resolve()), "label": label, "method": cfg.get("method"),
-                       "arch": cfg.get("arch", "resnet50"), "dataset": ds.name, "dataset_kind": ds.kind,
-                       "root": ds.root, "source": ds.source, "image_size": args.image_size,
-                       "resize": transform.resize, "ways": args.ways, "shots": s, "queries": args.queries,
-                       "episodes": args.episodes, "seed": args.seed, "l2": l2,
-                       "accuracy": float(acc.double().mean()), "ci95": ci95(acc.numpy()),
-                       "std": float(acc.double().std(unbiased=False)), "episodes_sha1": episodes_sha1(idx),
-                       "feature_dim": int(feats.shape[1]), "features": src, "solver": solver,
-                       "seconds": round(time.perf_counter() - t1 + t_feat, 2), "accuracies": acc.tolist()}
+                acc, solver, l2 = evaluate(args, feats, episodes[(ds.name, s)], s, device)
+                row = result_row(args, cfg, label, path, ds, transform, s, l2, acc, solver, feats.shape[1], src,
+                                 episodes[(ds.name, s)], time.perf_counter() - t1 + t_feat)
                 rows.append(row)
-                say(f"{label} -> {ds.name} {args.ways}-way {s}-shot: {row['accuracy']:.2f} ± {row['ci95']:.2f}% over "
-                    f"{args.episodes} episodes (l2 {l2:g}), {time.perf_counter() - t1:.1f} s"
-                    + ("" if solver["converged"] else f" (the solver stopped at {args.max_iter} iterations, gradient "
-                                                     f"{solver['grad_max']:.1e})")
-                    + (f" + {t_feat:.1f} s features" if s == shots[0] else ""))
+                say_row(say, args, row, time.perf_counter() - t1, t_feat if s == shots[0] else None)
     old = read_previous(out / "fewshot.json")
     redone = {row_key(r) for r in rows}
     kept = [r for r in old if isinstance(r, dict) and "episodes_sha1" in r and row_key(r) not in redone]
@@ -384,6 +384,27 @@ def run(argv: list[str] | None = None) -> int:
                 f"{r['paired']['ci95']:.2f} (paired, same episodes)")
     report_written(written)
     return 0
+
+
+def result_row(args, cfg, label, path, ds, transform, s, l2, acc, solver, dim, src, idx, seconds) -> dict:
+    return {"checkpoint": str(Path(path).resolve()), "label": label, "method": cfg.get("method"),
+            "arch": cfg.get("arch", "resnet50"), "dataset": ds.name, "dataset_kind": ds.kind, "root": ds.root,
+            "source": ds.source, "image_size": args.image_size, "resize": transform.resize, "head": args.head,
+            "head_seed": args.head_seed if args.head == "bscd" else None, "ways": args.ways, "shots": s,
+            "queries": args.queries, "episodes": args.episodes, "seed": args.seed, "l2": l2,
+            "accuracy": float(acc.double().mean()), "ci95": ci95(acc.numpy()),
+            "std": float(acc.double().std(unbiased=False)), "episodes_sha1": episodes_sha1(idx), "feature_dim": int(dim),
+            "features": src, "solver": solver, "seconds": round(seconds, 2), "accuracies": acc.tolist()}
+
+
+def say_row(say, args, row, seconds: float, t_feat: float | None) -> None:
+    how = f"l2 {row['l2']:g}" if row["l2"] is not None else f"bscd head, {row['solver']['sgd_steps']} SGD steps"
+    stopped = args.head == "logreg" and not row["solver"]["converged"]
+    say(f"{row['label']} -> {row['dataset']} {args.ways}-way {row['shots']}-shot: {row['accuracy']:.2f} ± "
+        f"{row['ci95']:.2f}% over {args.episodes} episodes ({how}), {seconds:.1f} s"
+        + (f" (the solver stopped at {args.max_iter} iterations, gradient {row['solver']['grad_max']:.1e})"
+           if stopped else "")
+        + (f" + {t_feat:.1f} s features" if t_feat is not None else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

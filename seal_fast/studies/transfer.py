@@ -18,18 +18,21 @@ The protocol, every choice of it (also written into transfer.json under "protoco
   fitting images than feature dimensions the problem is solved, exactly, in an orthonormal basis of the images'
   span (the optimal W lies there). A small problem (at most 2,048 variables: (span + 1) x classes, e.g. a tiny
   test set) is solved by Newton's method instead, to the same optimum; transfer.json says which per fit.
-- L2 strength: chosen from --l2-grid (default 10^-6 .. 10^1, every half decade: 15 values) by top-1 on the
+- L2 strength: chosen from --l2-grid (default Kornblith et al. 2019's: 45 values log-spaced from 10^-6 to 10^5,
+  every quarter decade; --l2-grid narrow: the earlier 10^-6 .. 10^1 every half decade, 15 values) by top-1 on the
   dataset's val split (the official one; DIR/val of a folder), or, when it has none, on a held-out 10% of train
   (stratified: round(10%) of each class, at least one from a class of 2+ images, drawn from --seed). The grid is
   walked from the largest value down, each fit warm-started from the previous one; ties go to the larger l2.
   Then the head is refit with that l2 on train + val (the dataset's val), or on the whole train (held-out val),
   and scored once on test.
-- Reported: top-1 on test, in percent. Seeds fixed (--seed: the held-out split; everything else is
+- Reported: top-1 and mean per-class accuracy on test, in percent (Kornblith et al. report the latter for
+  FGVC-Aircraft and Flowers102, whose test sets are imbalanced; the SEAL paper's Table 1 says top-1). Seeds fixed (--seed: the held-out split; everything else is
   deterministic).
 
-Outputs in --out: transfer.json (protocol + one result per checkpoint x dataset, with the l2 grid's val
-accuracies), transfer.csv (one row per checkpoint x dataset) and table.md (checkpoints x datasets, as the paper's
-Table 1, with the paper's numbers beside it). Results already in --out's transfer.json for other checkpoints /
+The probe itself (the head, the grid walk, the scores) is transfer_probe.py. Outputs in --out: transfer.json
+(protocol + one result per checkpoint x dataset, with the l2 grid's val accuracies), transfer.csv (one row per
+checkpoint x dataset) and table.md (checkpoints x datasets, top-1 as the paper's Table 1 with the paper's numbers
+beside it, then mean per-class accuracy). docs/transfer.md has the protocol's sources and measured figures. Results already in --out's transfer.json for other checkpoints /
 datasets are kept, so several runs into one --out build one table.
 """
 
@@ -42,24 +45,19 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
-from .features import add_extraction_args
 from ..runtime import default_workers, pick_device
 from .command import open_output, report_written, require_checkpoints, study_main, study_parser
+from .features import add_extraction_args
+from .transfer_probe import MAX_ITER, NARROW_GRID, NEWTON_MAX_VARS, PAPER_GRID, TOL, linear_probe
 
 PRETRAIN_SIZE = 64
-DEFAULT_GRID = [10.0 ** (e / 2) for e in range(2, -13, -1)]  # 10^1 .. 10^-6, every half decade, largest first
-HOLDOUT = 0.1
-TOL = 1e-6
-MAX_ITER = 1000  # L-BFGS iterations per fit at most
+GRIDS = {"paper": PAPER_GRID, "narrow": NARROW_GRID}  # --l2-grid by name
 
 # The SEAL paper's Table 1 (Tiny-ImageNet ResNet-50, linear probe), for the table's reference rows.
 PAPER_COLUMNS = ["Flower102", "CUB-200", "FGVC-Aircraft", "MIT-67", "Stanford Dogs"]
@@ -72,253 +70,12 @@ def default_resize(size: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# The head: multinomial logistic regression, batched over independent problems, full-batch L-BFGS
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Head:
-    weight: torch.Tensor   # [E, D, C]
-    bias: torch.Tensor     # [E, C]
-    iterations: int
-    evaluations: int
-    grad_max: float        # largest |gradient entry| at the end (over every problem)
-    converged: bool        # grad_max <= 10 x tol (L-BFGS may stop on a stalled line search just above tol)
-    solver: str = "lbfgs"  # "newton" or "lbfgs"
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [E, M, D] (or [M, D] for E = 1) -> logits [E, M, C] (or [M, C])."""
-        single = x.dim() == 2
-        x = x[None] if single else x
-        out = torch.baddbmm(self.bias[:, None, :], x.to(self.weight.dtype), self.weight)
-        return out[0] if single else out
-
-
-NEWTON_MAX_VARS = 2048  # problems with at most this many variables ((span + 1) x classes) are solved by Newton
-
-
-def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2, *, init: Head | None = None,
-               max_iter: int | None = None, tol: float = TOL, solver: str = "auto") -> Head:
-    """Minimize, for each of E independent problems, mean_i CE(x_i W + b, y_i) + l2/2 ||W||^2 (b unpenalized).
-
-    x [E, N, D] (or [N, D]), y [E, N] int64 in 0..num_classes-1, l2 a float or [E]; computed in x's dtype and
-    device. When N < D each problem is solved in an orthonormal basis Q of its rows' span (x = R^T Q^T): the
-    penalty only grows off that span, so the optimum is W = Q V, V found from the N-dimensional coordinates R^T.
-
-    solver "newton" (auto when (span + 1) x classes <= NEWTON_MAX_VARS: few-shot episodes): batched Newton with a
-    Cholesky solve and a backtracking (Armijo) line search per problem. The objective does not change when every
-    bias moves together (u, a null direction of the Hessian, orthogonal to the gradient), so u u^T is added to
-    the Hessian: the step is then the pseudo-inverse step, which keeps the biases' sum.
-    solver "lbfgs" (auto otherwise: the transfer probe): the E objectives summed and minimized by one full-batch
-    L-BFGS (strong Wolfe, history 20); they share no variable, so the sum's minimum is each one's.
-    Either stops when every gradient entry is at most tol (or after max_iter iterations: 100 Newton, 1000
-    L-BFGS). The biases are returned centred (sum 0), as L-BFGS from zero keeps them."""
-    if x.dim() == 2:
-        x, y = x[None], y[None]
-        if init is not None and init.weight.shape[0] != 1:
-            raise ValueError("init holds several problems but x one")
-    e, n, d = x.shape
-    l2 = torch.as_tensor(l2, dtype=x.dtype, device=x.device).reshape(-1).expand(e)
-    basis = None
-    if n < d:
-        basis, r = torch.linalg.qr(x.transpose(1, 2))   # basis [E, D, N] orthonormal columns, r [E, N, N]
-        xf = r.transpose(1, 2)                            # x @ basis
-    else:
-        xf = x
-    if init is not None:
-        w0 = init.weight.to(x.dtype)
-        w0 = basis.transpose(1, 2) @ w0 if basis is not None else w0
-        b0 = init.bias.to(x.dtype)
-    else:
-        w0 = torch.zeros(e, xf.shape[2], num_classes, dtype=x.dtype, device=x.device)
-        b0 = torch.zeros(e, num_classes, dtype=x.dtype, device=x.device)
-    if solver == "auto":
-        solver = "newton" if (xf.shape[2] + 1) * num_classes <= NEWTON_MAX_VARS else "lbfgs"
-    if solver == "newton":
-        w, b, iterations, evals, grad_max = _newton(xf, y, num_classes, l2, w0, b0, max_iter or 100, tol)
-    elif solver == "lbfgs":
-        w, b, iterations, evals, grad_max = _lbfgs(xf, y, num_classes, l2, w0, b0, max_iter or MAX_ITER, tol)
-    else:
-        raise ValueError(f"solver {solver!r}: auto, newton or lbfgs")
-    if basis is not None:
-        w = basis @ w
-    b = b - b.mean(1, keepdim=True)
-    return Head(w, b, iterations, evals, grad_max, grad_max <= 10 * tol, solver)
-
-
-def _objective(xf, onehot, l2, w, b) -> torch.Tensor:
-    """Each problem's objective [E]."""
-    logits = torch.baddbmm(b[:, None, :], xf, w)
-    ce = (torch.logsumexp(logits, -1) - (logits * onehot).sum(-1)).mean(1)
-    return ce + 0.5 * l2 * w.square().sum((1, 2))
-
-
-def _newton(xf, y, c, l2, w, b, max_iter, tol):
-    e, n, r = xf.shape
-    r1 = r + 1
-    xt = torch.cat([xf, torch.ones(e, n, 1, dtype=xf.dtype, device=xf.device)], 2)    # [E, N, R+1]
-    onehot = F.one_hot(y, c).to(xf.dtype)
-    pen = torch.ones(r1, dtype=xf.dtype, device=xf.device)
-    pen[-1] = 0                                                                         # the bias: unpenalized
-    theta = torch.cat([w, b[:, None, :]], 1)                                            # [E, R+1, C]
-    m = c * r1
-    eye = torch.eye(m, dtype=xf.dtype, device=xf.device)
-    evals, it, grad_max = 0, 0, float("inf")
-    while True:
-        p = torch.softmax(xt @ theta, -1)
-        grad = xt.transpose(1, 2) @ (p - onehot) / n + l2[:, None, None] * pen[:, None] * theta
-        g = grad.transpose(1, 2).reshape(e, m)                                          # class-major: c * (R+1) + d
-        evals += 1
-        grad_max = float(g.abs().max())
-        if grad_max <= tol or it >= max_iter:
-            break
-        it += 1
-        h = torch.empty(e, c, r1, c, r1, dtype=xf.dtype, device=xf.device)
-        for i in range(c):                       # Hessian block (i, j) = X~^T diag(p_i (delta_ij - p_j)) X~ / N
-            for j in range(i, c):
-                a = p[:, :, i] * (float(i == j) - p[:, :, j])
-                blk = (xt * a[:, :, None]).transpose(1, 2) @ xt / n
-                h[:, i, :, j, :] = blk
-                if i != j:
-                    h[:, j, :, i, :] = blk.transpose(1, 2)
-        h = h.reshape(e, m, m)
-        h.diagonal(dim1=1, dim2=2).add_(l2[:, None] * pen.repeat(c))
-        h.view(e, c, r1, c, r1)[:, :, r, :, r] += 1.0 / c     # + u u^T, u = the all-biases direction / sqrt(C)
-        chol, info = torch.linalg.cholesky_ex(h)
-        damp = 1e-10
-        while bool((info > 0).any()):                          # not positive definite in float: damp those
-            h = h + damp * (info > 0).to(h.dtype)[:, None, None] * eye
-            chol, info = torch.linalg.cholesky_ex(h)
-            damp *= 100
-        step = torch.cholesky_solve(g[:, :, None], chol)[:, :, 0]
-        dtheta = step.reshape(e, c, r1).transpose(1, 2)
-        f0 = _objective(xf, onehot, l2, theta[:, :r], theta[:, r])
-        slope = -(g * step).sum(1)                             # directional derivative along -step (<= 0)
-        t = torch.ones(e, dtype=xf.dtype, device=xf.device)
-        for _ in range(60):                                    # backtracking, per problem
-            cand = theta - t[:, None, None] * dtheta
-            f1 = _objective(xf, onehot, l2, cand[:, :r], cand[:, r])
-            evals += 1
-            ok = f1 <= f0 + 1e-4 * t * slope + 1e-13 * f0.abs()
-            if bool(ok.all()):
-                break
-            t = torch.where(ok, t, t / 2)
-        theta = theta - t[:, None, None] * dtheta
-    return theta[:, :r].contiguous(), theta[:, r].contiguous(), it, evals, grad_max
-
-
-def _lbfgs(xf, y, num_classes, l2, w0, b0, max_iter, tol):
-    n = xf.shape[1]
-    w = w0.clone().requires_grad_(True)
-    b = b0.clone().requires_grad_(True)
-    yf = y.reshape(-1)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, max_eval=2 * max_iter, history_size=20,
-                            tolerance_grad=tol, tolerance_change=1e-14, line_search_fn="strong_wolfe")
-    evals = [0]
-
-    def closure():
-        opt.zero_grad()
-        evals[0] += 1
-        logits = torch.baddbmm(b[:, None, :], xf, w)
-        loss = F.cross_entropy(logits.reshape(-1, num_classes), yf, reduction="sum") / n
-        loss = loss + 0.5 * (l2[:, None, None] * w.square()).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-        closure()  # the gradient at the final point, for the convergence report
-    grad_max = float(max(w.grad.abs().max(), b.grad.abs().max()))
-    iterations = int(opt.state[opt._params[0]].get("n_iter", 0))
-    return w.detach(), b.detach(), iterations, evals[0], grad_max
-
-
-def top1(head: Head, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 in percent (x [M, D], y [M]; one problem)."""
-    return 100.0 * float((head.logits(x).argmax(-1) == y.to(x.device)).double().mean())
-
-
-# ----------------------------------------------------------------------------------------------
-# The probe
-# ----------------------------------------------------------------------------------------------
-
-
-def holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit indices, val indices), stratified: round(fraction * n_c) images of each class c (at least 1 when
-    n_c >= 2, none when n_c == 1) go to val, drawn from `seed`; both sorted."""
-    g = torch.Generator().manual_seed(seed)
-    fit, val = [], []
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        k = 0 if len(idx) < 2 else max(1, round(fraction * len(idx)))
-        perm = idx[torch.randperm(len(idx), generator=g)]
-        val.append(perm[:k])
-        fit.append(perm[k:])
-    return torch.sort(torch.cat(fit)).values, torch.sort(torch.cat(val)).values
-
-
-def standardizer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, scale) per dimension; a dimension (near-)constant on x keeps scale 1."""
-    mean = x.mean(0)
-    std = x.std(0, unbiased=False)
-    return mean, torch.where(std > 1e-6 * std.max().clamp_min(1e-30), std, torch.ones_like(std))
-
-
-def linear_probe(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], num_classes: int,
-                 val: tuple[torch.Tensor, torch.Tensor] | None = None, grid: list[float] = DEFAULT_GRID,
-                 seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
-                 max_iter: int = MAX_ITER, tol: float = TOL) -> dict:
-    """The protocol of the module docstring on (features, labels) pairs; returns the result's fields."""
-    device = torch.device(device)
-    xtr, ytr = (t.to(device) for t in train)
-    xtr = xtr.to(dtype)
-    if val is None:
-        fit_idx, val_idx = holdout(ytr.cpu(), HOLDOUT, seed)
-        if len(val_idx) == 0:
-            raise DataError("the train split is too small to hold out a validation set (every class has one image); "
-                            "add images or a val/ split")
-        fit_idx, val_idx = fit_idx.to(device), val_idx.to(device)
-        xfit, yfit, xval, yval = xtr[fit_idx], ytr[fit_idx], xtr[val_idx], ytr[val_idx]
-        xall, yall = xtr, ytr
-        val_source = f"held-out {round(100 * HOLDOUT)}% of train (stratified, seed {seed})"
-    else:
-        xval, yval = val[0].to(device, dtype), val[1].to(device)
-        xfit, yfit = xtr, ytr
-        xall, yall = torch.cat([xtr, xval]), torch.cat([ytr, yval])
-        val_source = "the dataset's val split"
-    missing = sorted(set(range(num_classes)) - set(yfit.unique().tolist()))
-    if missing:
-        raise DataError(f"class {missing[0]} has no training image ({len(missing)} classes have none): the probe "
-                        "cannot fit them")
-    mean, scale = standardizer(xfit)
-    zfit, zval = (xfit - mean) / scale, (xval - mean) / scale
-    curve, head, best = [], None, None
-    for l2 in tqdm(sorted(grid, reverse=True), desc="l2 grid", leave=False, disable=None, dynamic_ncols=True,
-                   file=sys.stderr):
-        head = fit_logreg(zfit, yfit, num_classes, l2, init=head, max_iter=max_iter, tol=tol)
-        acc = top1(head, zval, yval)
-        curve.append({"l2": l2, "val_top1": acc, "solver": head.solver, "iterations": head.iterations,
-                      "converged": head.converged})
-        if best is None or acc > best[1]:
-            best = (l2, acc, head)
-    l2, val_acc, selected = best
-    mean, scale = standardizer(xall)
-    final = fit_logreg((xall - mean) / scale, yall, num_classes, l2, init=selected, max_iter=max_iter, tol=tol)
-    xte, yte = test[0].to(device, dtype), test[1].to(device)
-    return {"top1": top1(final, (xte - mean) / scale, yte), "l2": l2, "val_top1": val_acc, "val_source": val_source,
-            "fit_images": len(yfit), "val_images": len(yval), "refit_images": len(yall), "test_images": len(yte),
-            "grid": curve, "solver": {"method": final.solver, "iterations": final.iterations,
-                                      "evaluations": final.evaluations, "grad_max": final.grad_max,
-                                      "converged": final.converged},
-            "train_top1": top1(final, (xall - mean) / scale, yall)}
-
-
-# ----------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------
 
-CSV_COLUMNS = ["checkpoint", "label", "method", "dataset", "image_size", "top1", "l2", "val_top1", "val_source",
-               "train_images", "val_images", "test_images", "classes", "feature_dim"]
+CSV_COLUMNS = ["checkpoint", "label", "method", "dataset", "image_size", "top1", "mean_per_class", "l2", "val_top1",
+               "val_source", "train_images", "val_images", "test_images", "classes", "feature_dim"]
+PERCENT = ("top1", "mean_per_class", "val_top1")
 
 
 def row_key(r: dict) -> tuple:
@@ -345,15 +102,23 @@ def column(r: dict) -> str:
     return r["dataset"] if r["image_size"] == PRETRAIN_SIZE else f"{r['dataset']} ({r['image_size']} px)"
 
 
-def table_md(rows: list[dict]) -> str:
+def metric_table(rows: list[dict], metric: str) -> list[str]:
+    """Checkpoints x dataset columns of one metric (a row without it, from an earlier version, leaves its cell
+    empty)."""
     cols = list(dict.fromkeys(column(r) for r in rows))
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    cell = {(r["label"], column(r)): r["top1"] for r in rows}
-    lines = ["# Linear probe of the frozen backbone: test top-1 (%)", "",
-             "| checkpoint | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    cell = {(r["label"], column(r)): r.get(metric) for r in rows}
+    lines = ["| checkpoint | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for lab in labels:
-        vals = [f"{cell[(lab, c)]:.2f}" if (lab, c) in cell else "" for c in cols]
+        vals = [f"{cell[(lab, c)]:.2f}" if cell.get((lab, c)) is not None else "" for c in cols]
         lines.append(f"| {lab} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def table_md(rows: list[dict]) -> str:
+    lines = ["# Linear probe of the frozen backbone: test top-1 (%)", ""] + metric_table(rows, "top1")
+    lines += ["", "Mean per-class accuracy (%) on the same test sets (Kornblith et al. 2019's metric for "
+              "FGVC-Aircraft and Flowers102):", ""] + metric_table(rows, "mean_per_class")
     lines += ["", "The paper's Table 1 (ResNet-50 trained on Tiny-ImageNet, linear probe, top-1 %), for comparison:",
               "", "| method | " + " | ".join(PAPER_COLUMNS) + " |", "|---|" + "---:|" * len(PAPER_COLUMNS)]
     for method, vals in PAPER_TABLE1.items():
@@ -375,10 +140,19 @@ def write_outputs(out: Path, rows: list[dict], protocol: dict) -> list[Path]:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for r in rows:
-            w.writerow([f"{r[c]:.2f}" if c in ("top1", "val_top1") else f"{r[c]:g}" if c == "l2" else r[c]
-                        for c in CSV_COLUMNS])
+            w.writerow(["" if r.get(c) is None else f"{r[c]:.2f}" if c in PERCENT else f"{r[c]:g}" if c == "l2"
+                        else r[c] for c in CSV_COLUMNS])
     (out / "table.md").write_text(table_md(rows))
     return [out / n for n in ("transfer.json", "transfer.csv", "table.md")]
+
+
+def grid_source(grid: list[float]) -> str:
+    grid = sorted(grid, reverse=True)
+    if grid == PAPER_GRID:
+        return "Kornblith et al. 2019: 45 values log-spaced from 1e-6 to 1e5 (np.logspace(-6, 5, 45))"
+    if grid == NARROW_GRID:
+        return "the earlier narrow grid: 1e-6 .. 1e1, every half decade (15 values)"
+    return f"given on the command line ({len(grid)} values)"
 
 
 def protocol_dict(args, transform, dtype, device, cache) -> dict:
@@ -395,11 +169,13 @@ def protocol_dict(args, transform, dtype, device, cache) -> dict:
                       f"Newton's method instead for a problem of at most {NEWTON_MAX_VARS} variables ((span + 1) x "
                       "classes), to the same optimum",
             "l2_grid": sorted(args.l2_grid, reverse=True),
+            "l2_grid_source": grid_source(args.l2_grid),
             "l2_selection": "best top-1 on the dataset's val split (the official one of Flowers102 / FGVC-Aircraft, "
                             "DIR/val of a folder), else on a held-out 10% of train (stratified); "
                             "ties to the larger l2",
             "refit": "with the chosen l2 on train + val (a dataset's val split) or the whole train (held-out val)",
-            "score": "top-1 (%) on the test split, once", "seed": args.seed,
+            "score": "top-1 (%) and mean per-class accuracy (%: each class's accuracy, averaged over the test "
+                     "set's classes) on the test split, once", "seed": args.seed,
             "feature_cache": str(cache.folder) if cache.folder is not None else None}
 
 
@@ -423,15 +199,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="let torchvision download flowers102 / fgvc-aircraft")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/transfer-<timestamp>)")
     p.add_argument("--image-size", type=int, default=PRETRAIN_SIZE,
-                   help="center-crop size (default 64, the pre-training resolution; 224 = LLF's transform)")
+                   help="center-crop size (default 64, the pre-training resolution; 224: shorter side 256, center "
+                        "crop 224, the resolution of Kornblith et al. 2019's ResNet-50 features)")
     p.add_argument("--resize", type=int, help="shorter side before the crop (default: 64 at 64, else size*256/224)")
-    p.add_argument("--l2-grid", type=float, nargs="+", default=DEFAULT_GRID, metavar="L2",
-                   help="l2 strengths to choose from on val (default 1e1 .. 1e-6, every half decade)")
+    p.add_argument("--l2-grid", type=grid_value, nargs="+", default=["paper"], metavar="L2",
+                   help="l2 strengths to choose from on val: values, or one name: paper (the default: Kornblith et "
+                        "al. 2019's 45 values log-spaced from 1e-6 to 1e5) or narrow (1e-6 .. 1e1 every half decade, "
+                        "15 values: this study's earlier default)")
     p.add_argument("--seed", type=int, default=0, help="the held-out val split when a dataset has no val (default 0)")
     p.add_argument("--max-iter", type=int, default=MAX_ITER, help="L-BFGS iterations per fit at most (default 1000)")
-    p.add_argument("--tol", type=float, default=TOL, help="stop when the largest gradient entry is below this")
+    p.add_argument("--tol", type=float, default=TOL, help="stop when the largest gradient entry is below this "
+                                                          "(default 1e-6)")
     add_extraction_args(p)
     return p
+
+
+def grid_value(text: str):
+    """--l2-grid's items: a grid's name or a number (checked for sign and finiteness in resolve_grid)."""
+    if text in GRIDS:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number or one of {', '.join(GRIDS)}") from None
+
+
+def resolve_grid(items: list) -> list[float]:
+    names = [x for x in items if isinstance(x, str)]
+    if names:
+        if len(items) != 1:
+            raise ConfigError(f"--l2-grid {names[0]}: a grid's name stands alone (or give the values)")
+        return list(GRIDS[names[0]])
+    if any(not (x > 0 and math.isfinite(x)) for x in items):
+        raise ConfigError("--l2-grid: every value must be positive and finite")
+    return list(items)
 
 
 def pair_roots(kinds: list[str], roots: list[str] | None, names: list[str] | None, flag: str = "--root"):
@@ -472,68 +273,79 @@ def setup(args, say):
     return device, dtype, models, cache
 
 
-def run(argv: list[str] | None = None) -> int:
+def open_datasets(args, say) -> list:
+    """The --dataset entries opened (a bad folder is refused here, before any network runs), named, each with a
+    test split."""
     from ..data.folders import open_transfer, synthetic_dataset
-    from .features import Transform
 
-    args = build_parser().parse_args(argv)
-    say = lambda msg: print(msg, flush=True)  # noqa: E731
-    check_common(args)
-    if any(not (x > 0 and math.isfinite(x)) for x in args.l2_grid):
-        raise ConfigError("--l2-grid: every value must be positive and finite")
-    if args.max_iter < 1 or not args.tol > 0:
-        raise ConfigError("--max-iter must be at least 1 and --tol positive")
-    specs = pair_roots(args.dataset, args.root, args.name)
     datasets = []
-    for kind, root, name in specs:
+    for kind, root, name in pair_roots(args.dataset, args.root, args.name):
         ds = synthetic_dataset("transfer", root) if kind == "synthetic" else open_transfer(kind, root, args.download)
         if name:
             ds.name = name
         datasets.append(ds)
     if len({d.name for d in datasets}) != len(datasets):
         raise ConfigError("two --dataset entries have the same name; tell them apart with --name")
+    for ds in datasets:
+        sizes = ", ".join(f"{len(s.files)} {n}" for n, s in ds.splits.items())
+        say(f"{ds.name}: {len(ds.classes)} classes, {sizes} images ({ds.source})")
+        if "test" not in ds.splits:
+            raise DataError(f"{ds.name}: has no test split")
+    return datasets
+
+
+def probe_one(args, model, cfg, label, path, ds, ctx) -> dict:
+    """One checkpoint x dataset: its features (cached), the probe, the result's row (and its console line)."""
+    device, dtype, cache, transform, workers, say = ctx
+    t0 = time.perf_counter()
+    feats, sources = {}, []
+    for split, s in ds.splits.items():
+        f, y, src = cache.features(model, path, ds.name, split, s.files, s.labels, transform, device, dtype,
+                                   args.batch_size, workers, f"{ds.name} {split}", channels_last=device.type == "cuda")
+        feats[split] = (f, y)
+        sources.append(f"{split}: {src}")
+    t1 = time.perf_counter()
+    r = linear_probe(feats["train"], feats["test"], len(ds.classes), feats.get("val"), args.l2_grid, args.seed,
+                     device, max_iter=args.max_iter, tol=args.tol)
+    row = {"checkpoint": str(Path(path).resolve()), "label": label, "method": cfg.get("method"),
+           "arch": cfg.get("arch", "resnet50"), "dataset": ds.name, "dataset_kind": ds.kind, "root": ds.root,
+           "source": ds.source, "image_size": args.image_size, "resize": transform.resize, "top1": r["top1"],
+           "mean_per_class": r["mean_per_class"], "l2": r["l2"], "val_top1": r["val_top1"],
+           "val_source": r["val_source"], "train_images": len(ds.splits["train"].files),
+           "val_images": len(ds.splits["val"].files) if ds.has_val else r["val_images"],
+           "test_images": r["test_images"], "classes": len(ds.classes),
+           "feature_dim": int(feats["train"][0].shape[1]), "train_top1": r["train_top1"], "l2_grid_size":
+           len(args.l2_grid), "grid": r["grid"], "solver": r["solver"], "features": sources,
+           "probe_seconds": round(time.perf_counter() - t1, 2), "seconds": round(time.perf_counter() - t0, 2)}
+    note = "" if r["solver"]["converged"] else \
+        f" (L-BFGS stopped at {args.max_iter} iterations, gradient {r['solver']['grad_max']:.1e})"
+    say(f"{label} -> {ds.name}: top-1 {r['top1']:.2f}%, mean per-class {r['mean_per_class']:.2f}% (l2 {r['l2']:g}, "
+        f"val top-1 {r['val_top1']:.2f}% on {r['val_source']}; {r['refit_images']} train, {r['test_images']} test "
+        f"images, {len(ds.classes)} classes){note}, {row['seconds']:.1f} s ({row['probe_seconds']:.1f} s probe)")
+    return row
+
+
+def run(argv: list[str] | None = None) -> int:
+    from .features import Transform
+
+    args = build_parser().parse_args(argv)
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
+    check_common(args)
+    args.l2_grid = resolve_grid(args.l2_grid)
+    if args.max_iter < 1 or not args.tol > 0:
+        raise ConfigError("--max-iter must be at least 1 and --tol positive")
+    datasets = open_datasets(args, say)
     out = open_output(args.out, "transfer")
     device, dtype, models, cache = setup(args, say)
     transform = Transform(args.image_size, args.resize or default_resize(args.image_size))
     workers = default_workers(args.workers)
     protocol = protocol_dict(args, transform, dtype, device, cache)
     say(f"linear probe: {transform.describe()}; logistic regression by full-batch L-BFGS (float64, {device.type}), "
-        f"l2 from {len(args.l2_grid)} value{'s' if len(args.l2_grid) > 1 else ''} chosen on val; features cached in "
-        f"{cache.folder if cache.folder is not None else '(nowhere: --no-cache)'}")
-    for ds in datasets:
-        sizes = ", ".join(f"{len(s.files)} {n}" for n, s in ds.splits.items())
-        say(f"{ds.name}: {len(ds.classes)} classes, {sizes} images ({ds.source})")
-        if "test" not in ds.splits:
-            raise DataError(f"{ds.name}: has no test split")
-    rows = []
-    for model, cfg, label, path in models:
-        for ds in datasets:
-            t0 = time.perf_counter()
-            feats, sources = {}, []
-            for split, s in ds.splits.items():
-                f, y, src = cache.features(model, path, ds.name, split, s.files, s.labels, transform, device, dtype,
-                                           args.batch_size, workers, f"{ds.name} {split}",
-                                           channels_last=device.type == "cuda")
-                feats[split] = (f, y)
-                sources.append(f"{split}: {src}")
-            r = linear_probe(feats["train"], feats["test"], len(ds.classes), feats.get("val"), args.l2_grid,
-                             args.seed, device, max_iter=args.max_iter, tol=args.tol)
-            row = {"checkpoint": str(Path(path).resolve()), "label": label, "method": cfg.get("method"),
-                   "arch": cfg.get("arch", "resnet50"), "dataset": ds.name, "dataset_kind": ds.kind,
-                   "root": ds.root, "source": ds.source, "image_size": args.image_size, "resize": transform.resize,
-                   "top1": r["top1"], "l2": r["l2"], "val_top1": r["val_top1"], "val_source": r["val_source"],
-                   "train_images": len(ds.splits["train"].files),
-                   "val_images": len(ds.splits["val"].files) if ds.has_val else r["val_images"],
-                   "test_images": r["test_images"], "classes": len(ds.classes),
-                   "feature_dim": int(feats["train"][0].shape[1]), "train_top1": r["train_top1"],
-                   "grid": r["grid"], "solver": r["solver"], "features": sources,
-                   "seconds": round(time.perf_counter() - t0, 2)}
-            rows.append(row)
-            note = "" if r["solver"]["converged"] else \
-                f" (L-BFGS stopped at {args.max_iter} iterations, gradient {r['solver']['grad_max']:.1e})"
-            say(f"{label} -> {ds.name}: top-1 {r['top1']:.2f}% (l2 {r['l2']:g}, val top-1 {r['val_top1']:.2f}% on "
-                f"{r['val_source']}; {r['refit_images']} train, {r['test_images']} test images, "
-                f"{len(ds.classes)} classes){note}, {row['seconds']:.1f} s")
+        f"l2 from {len(args.l2_grid)} value{'s' if len(args.l2_grid) > 1 else ''} ({grid_source(args.l2_grid)}) "
+        f"chosen on val; features cached in {cache.folder if cache.folder is not None else '(nowhere: --no-cache)'}")
+    ctx = (device, dtype, cache, transform, workers, say)
+    rows = [probe_one(args, model, cfg, label, path, ds, ctx) for model, cfg, label, path in models
+            for ds in datasets]
     rows, kept = merge_rows(read_previous(out / "transfer.json"), rows)
     if kept:
         say(f"kept {kept} result(s) of an earlier run in {out} (other checkpoints, datasets or sizes)")
