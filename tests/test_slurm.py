@@ -149,6 +149,20 @@ def test_packed_jobs_on_slurm_survive_a_requeue_bit_for_bit(slurm_cluster, tiny_
     say(status)
 
 
+def test_status_shows_every_run_the_folder_records(tiny_data, tmp_path, capsys, monkeypatch):
+    """--status with fewer --seeds than were submitted still lists the folder's other runs (from jobs.json)."""
+    out = tmp_path / "s"
+    monkeypatch.setattr(slurm_mod, "job_state", lambda job: ("PENDING", 0) if job == "7" else ("RUNNING", 0))
+    for name, job in (("seal-s0", "7"), ("seal-s1", "8"), ("llf-s1", "8")):
+        slurm_mod.record(out, name, job)
+    argv = ["--launcher", "slurm", "--data", str(tiny_data), "--runs", "seal", "--seeds", "0", "--out", str(out)]
+    assert sweep.main([*argv, "--status", *TRAIN]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines[:3]] == ["seal-s0", "seal-s1", "llf-s1"], lines
+    assert "job 7 " in lines[0] and "pending" in lines[0] and "job 8 (2 runs)" in lines[1] and "running" in lines[2]
+    assert lines[-1] == "0/3 runs finished"
+
+
 def test_bad_slurm_flags_are_one_line_exit_2(tiny_data, tmp_path, capsys):
     base = ["--data", str(tiny_data), "--out", str(tmp_path / "s"), "--launcher", "slurm"]
     assert sweep.main([*base, "--runs-per-gpu", "2", "--gpus", "0"]) == 2  # Slurm picks the GPUs: --gpus-per-job

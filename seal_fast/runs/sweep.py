@@ -65,6 +65,12 @@ class Run:
     def name(self) -> str:
         return f"{self.kind}-s{self.seed}"
 
+    @classmethod
+    def named(cls, out: Path, name: str) -> "Run":
+        """The run `name` (<kind>-s<seed>) of the sweep folder `out`, for its state only (no command line)."""
+        kind, _, seed = name.rpartition("-s")
+        return cls(kind, int(seed) if seed.isdigit() else -1, out / name, [])
+
     def state(self) -> tuple[str, int, int | None]:
         """("new" | "partial" | "finished", epochs done, epochs planned)."""
         metrics, cfg = self.folder / "metrics.jsonl", self.folder / "config.json"
@@ -265,9 +271,10 @@ def run(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(runs, args)
     out = out_folder(args.out)
-    if args.status:
-        from .slurm import status
-        return status(runs, out)
+    if args.status:  # the runs given and every run the sweep folder's jobs.json records (other seeds, kinds)
+        from .slurm import read_jobs, status
+        known = {r.name for r in runs}
+        return status(runs + [Run.named(out, n) for n in read_jobs(out) if n not in known], out)
     if args.launcher == "slurm":
         return on_slurm(runs, out, args)
     old = signal.signal(signal.SIGTERM, _terminate)
