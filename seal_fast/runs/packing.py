@@ -141,9 +141,10 @@ def launch(run, threads: int, slot: dict[str, str] | None = None, note: str = ""
     return proc
 
 
-def train_in_slots(todo: list, free: list[dict[str, str] | None], threads: int, note: str = "") -> dict[str, int]:
-    """Train the runs `todo`, one per free slot at a time: a run that ends frees its slot for the next, one that
-    fails does not stop the others. Returns {run name: exit code} of the runs that failed."""
+def train_in_slots(todo: list, free: list[dict[str, str] | None], threads: int, start=launch) -> dict[str, int]:
+    """Train the runs `todo`, one per free slot at a time (`start(run, threads, slot)` starts one): a run that ends
+    frees its slot for the next, one that fails does not stop the others. Returns {run name: exit code} of the runs
+    that failed."""
     running: list[tuple] = []
     failed: dict[str, int] = {}
     queue = list(todo)
@@ -152,7 +153,7 @@ def train_in_slots(todo: list, free: list[dict[str, str] | None], threads: int, 
             r, slot = queue.pop(0), free.pop(0)
             state, done, _ = r.state()
             print(f"start  {r.name} ({'resuming at epoch ' + str(done) if state == 'partial' else 'new'})", flush=True)
-            running.append((r, launch(r, threads, slot, note), time.time(), slot))
+            running.append((r, start(r, threads, slot), time.time(), slot))
         time.sleep(0.2)
         for item in list(running):
             r, proc, t0, slot = item

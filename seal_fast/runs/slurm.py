@@ -60,14 +60,14 @@ class PackedJob:
         self.runs, self.k, self.threads, self.out = runs, k, threads, out
 
     def __call__(self) -> int:
-        from .packing import open_slots, train_in_slots, visible_gpus
+        from .packing import launch, open_slots, train_in_slots, visible_gpus
 
         job, restart = os.environ.get("SLURM_JOB_ID", "?"), os.environ.get("SLURM_RESTART_COUNT", "0")
         todo = [r for r in self.runs if r.state()[0] != "finished"]
         free, mps = open_slots(self.k, visible_gpus(), Path(self.out) / "slurm" / job / f"r{restart}")
         try:
-            failed = train_in_slots(todo, free, self.threads, note=f"(Slurm job {job}, restart {restart}, packed: "
-                                                                    f"{', '.join(r.name for r in self.runs)})")
+            note = f"(Slurm job {job}, restart {restart}, packed: {', '.join(r.name for r in self.runs)})"
+            failed = train_in_slots(todo, free, self.threads, start=lambda r, t, slot: launch(r, t, slot, note))
         finally:
             if mps is not None:
                 mps.stop()

@@ -34,7 +34,7 @@ from ..config import Config, read_saved_config
 from ..errors import ConfigError, SealError, cli_main
 from ..preflight import check_train_argv
 from .outdir import out_folder
-from .packing import MPS, measured_packing, open_slots, pack_csv, parse_gpus, train_in_slots
+from .packing import MPS, launch, measured_packing, open_slots, pack_csv, parse_gpus, train_in_slots
 
 KINDS = {"normal160": ["--method", "normal", "--generations", "1"], "normal": ["--method", "normal"],
          "llf": ["--method", "llf"], "seal": ["--method", "seal"]}
@@ -293,7 +293,7 @@ def train_all(args, runs: list[Run], free: list[dict[str, str] | None]) -> int:
     skipped = len(runs) - len(todo)
     print(f"sweep {args.out}: {len(runs)} runs, {skipped} finished already, {len(todo)} to train, "
           f"{len(free)} at a time ({threads} CPU threads each)", flush=True)
-    failed = train_in_slots(todo, free, threads)
+    failed = train_in_slots(todo, free, threads, start=launch)
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and run the same command again "
               "(finished runs are skipped)", file=sys.stderr)
