@@ -38,6 +38,10 @@ def test_the_time_boxes_fit_the_budget_most_valuable_first(tmp_path, smoke):
     assert [s.name for s in steps] == list(gpu_check.STEPS)
     assert sum(s.cap_s for s in steps) <= gpu_check.BASE_S[smoke] - gpu_check.RESERVE_S
     assert [s.name for s in steps[:4]] == ["env", "native", "pytest", "sanitizer"] and steps[-1].name == "cli"
+    if not smoke:  # the module's docstring lists each step's box: it says what the plan does
+        listed = {ln.split()[0]: float(ln.split()[1]) for ln in gpu_check.__doc__.splitlines()
+                  if ln.startswith("  ") and len(ln.split()) > 1 and ln.split()[1].isdigit()}
+        assert listed == {s.name: s.cap_s for s in steps}, listed
     pack = next(s for s in steps if s.name == "pack").cmd
     assert pack[2:] == ["--k", "1", "8", "--mps", "on", "--seconds", "8", "--csv", str(tmp_path / "pack.csv")]
 
