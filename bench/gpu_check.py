@@ -56,7 +56,7 @@ STEPS = ("env", "native", "pytest", "sanitizer", "sgd", "knn", "synth", "train",
 GPU_ONLY = {"sanitizer", "pack"}  # nothing to run without CUDA, even at tiny sizes
 NEEDS_DATA = {"train", "data", "cli"}  # they read the synth step's folder, DATA in their command lines
 DATA = "<synth>"
-BASE_S = {False: 420.0, True: 360.0}  # the time boxes below are seconds of this budget (full run, smoke run)
+BASE_S = {False: 420.0, True: 380.0}  # the time boxes below are seconds of this budget (full run, smoke run)
 RESERVE_S = 10.0  # of the budget, kept for the report; the boxes sum to at most BASE_S - RESERVE_S
 
 
@@ -82,11 +82,12 @@ def plan(smoke: bool, out: Path, run_dir: Path, native_dir: Path) -> list[Step]:
     cli = [py, "-m", "seal_fast.train", "--data", DATA, "--out", str(run_dir), "--generations", "2", "--epochs", "2",
            "--ascent-epochs", "1", "--warmup", "1", "--eval-every", "1", "--amp", "--channels-last"]
     if smoke:  # tiny sizes: proves every command line and parser works, on a CPU (Triton interpreter); boxes from
-        # a 2-core CPU: the interpreted SGD step over ResNet-50's 23.9M parameters and the train step dominate
+        # a 2-core CPU's CPU seconds (2026-12-05): sgd 109 (the interpreted step over 23.9M parameters), train 59,
+        # native 18, cli ~30; a CPU shared with other work (load ~10) needs 2-3x as long and times out
         return [
             Step("env", [*me, "env"], 12), Step("native", [*me, "native", str(native_dir)], 40),
             Step("pytest", pytest, 25), Step("sanitizer", [*me, "sanitize"], 3),
-            Step("sgd", [py, f"{b}/bench_sgd.py", "--reps", "2"], 110, "sgd"),
+            Step("sgd", [py, f"{b}/bench_sgd.py", "--reps", "2"], 130, "sgd"),
             Step("knn", [py, f"{b}/bench_knn.py", "--q", "64", "--n", "700", "--d", "32", "--k", "5", "--reps", "1"],
                  8, "knn"),
             Step("synth", [*me, "data", "10", "8", "2"], 8),
