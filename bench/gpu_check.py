@@ -3,31 +3,40 @@
     PYTHONPATH=. python3 bench/gpu_check.py --out DIR [--budget-s 420] [--only sgd knn ...]
     PYTHONPATH=. python3 bench/gpu_check.py --smoke --out DIR      # every step at tiny sizes, on a CPU too
 
-Steps, in order of value, each a subprocess with its own time box (a hang or a failure costs that step
-only; what it printed stays in log.txt):
-  env      GPU name, driver, clocks, memory, versions
-  native   build the native CUDA backend (CMakeLists.txt, sm_90) into a scratch folder; later steps use it
-           ($SEAL_FAST_CUDA_LIB): its GPU tests in `pytest`, its rows in `sgd`
-  pytest   `pytest -m gpu`: every GPU test of the project
-  sgd      bench/bench_sgd.py: ResNet-50's 161 shapes, fp32 and the fp16-scaling case, copy roofline
-  knn      bench/bench_knn.py: Q=10,000, N=100,000, D 256 and 2048, k=30, bf16 and fp32, vs torch
-  train    bench/bench_train.py: reference vs ours at batch 32 and 256, projected SEAL hours, --profile
-  data     bench/bench_data.py: the loaders there (cache, torch; DALI only if importable), b32 / b256
-  depth    bench/bench_depth.py: all probes of ResNet-50, 10,000 val x 100,000 train
-  cli      python -m seal_fast.train --device cuda --amp --channels-last, a few epochs, 200 classes
+Steps, in order of value, each a subprocess with its own time box, in seconds of a 420 s budget (scaled with
+--budget-s; a step may use what earlier steps left over, never the later steps' boxes; a hang or a failure costs
+that step only; what it printed stays in log.txt):
+  env        10  GPU name, driver, clocks, memory, versions (bench/gpu_steps.py env)
+  native     30  build the native CUDA backend (CMakeLists.txt, sm_90) into a scratch folder; later steps use it
+                 ($SEAL_FAST_CUDA_LIB): its GPU tests in `pytest`, its rows in `sgd`
+  pytest     60  `pytest -m gpu`: every GPU test of the project
+  sanitizer  25  compute-sanitizer memcheck / racecheck / synccheck on the fused SGD (Triton, native) and the KNN
+  sgd        25  bench/bench_sgd.py: ResNet-50's 161 shapes, fp32 and the fp16-scaling case, copy roofline
+  knn        40  bench/bench_knn.py: Q=10,000, N=100,000, D 256 and 2048, k=30, bf16 and fp32, vs torch
+  synth      15  the generated 200-class 64 px set that train, data and cli read (cached)
+  train     100  bench/bench_train.py: reference vs ours at batch 32 and 256, 1 timed epoch, SEAL hours, --profile
+  pack       40  bench/bench_pack.py --k 1 8 --mps on --seconds 8: packed runs on the GPU (issue 23)
+  data       15  bench/bench_data.py: the loaders there (cache, torch; DALI only if importable), b32 / b256
+  depth      15  bench/bench_depth.py: all probes of ResNet-50, 10,000 val x 100,000 train
+  cli        35  python -m seal_fast.train --device cuda --amp --channels-last, 2 generations of 2 epochs
+Without CUDA every step after env is skipped, saying so (--smoke runs them at tiny sizes, but sanitizer and pack).
 The bench scripts append to their own CSVs as always (bench/results/, or $SEAL_FAST_BENCH_RESULTS; --smoke
-uses a scratch folder so trial rows never reach the committed CSVs). Into --out go at most 5 files:
-  summary.md   one line per performance target: measured, target, met / missed / not run, and why
+uses a scratch folder so trial rows never reach the committed CSVs). Into --out go at most 6 files, results.csv
+and summary.md rewritten (atomically) after every step, so a run killed at any moment keeps every finished step;
+SIGTERM or Ctrl-C kills the running step and writes them (exit 143):
+  summary.md   the steps, then one line per performance target: measured, target, met / missed / not run, and why
   results.csv  every row any step produced, device and versions on each
   log.txt      every step's output, with its command, exit status and seconds
   pytest.txt   the GPU tests' report
   profile.txt  the top kernels of one graphed training step (train --profile)
+  pack.csv     the packed-runs rows (copy them to bench/results/pack.csv: `sweep --dry-run` reads them there)
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import shutil
@@ -41,96 +50,71 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.gpu_steps import sanitizer_exe  # noqa: E402
 
-STEPS = ("env", "native", "pytest", "sgd", "knn", "train", "data", "depth", "cli")
+STEPS = ("env", "native", "pytest", "sanitizer", "sgd", "knn", "synth", "train", "pack", "data", "depth", "cli")
+GPU_ONLY = {"sanitizer", "pack"}  # nothing to run without CUDA, even at tiny sizes
+NEEDS_DATA = {"train", "data", "cli"}  # they read the synth step's folder, DATA in their command lines
+DATA = "<synth>"
+BASE_S = {False: 420.0, True: 380.0}  # the time boxes below are seconds of this budget (full run, smoke run)
+RESERVE_S = 10.0  # of the budget, kept for the report; the boxes sum to at most BASE_S - RESERVE_S
 
 
 @dataclass
 class Step:
     name: str
     cmd: list[str]
-    cap_s: float            # this step's own time box (scaled with --budget-s)
-    csv: str | None = None  # the bench CSV whose new rows are this step's results
-    status: str = "not run"
+    cap_s: float            # this step's own time box, in seconds of BASE_S (scaled with --budget-s)
+    csv: str | None = None  # the bench CSV whose new rows are this step's results (a name in the results folder,
+    status: str = "not run"  # or an absolute path)
     seconds: float = 0.0
     why: str = ""
     rows: list[dict] = field(default_factory=list)
     output: str = ""        # what the step printed (also in log.txt)
 
 
-def plan(smoke: bool, data_dir: Path, run_dir: Path, native_dir: Path) -> list[Step]:
-    py = sys.executable
-    b = str(ROOT / "bench")
-    if smoke:  # tiny sizes: proves every command line and parser works, on a CPU (Triton interpreter)
+def plan(smoke: bool, out: Path, run_dir: Path, native_dir: Path) -> list[Step]:
+    """The steps in order of value, each with its time box (the boxes fit BASE_S less RESERVE_S)."""
+    py, b = sys.executable, str(ROOT / "bench")
+    me = [py, f"{b}/gpu_steps.py"]
+    pytest = [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfE", str(ROOT / "tests")]
+    pack = [py, f"{b}/bench_pack.py", "--k", "1", "8", "--mps", "on", "--seconds", "8", "--csv", str(out / "pack.csv")]
+    cli = [py, "-m", "seal_fast.train", "--data", DATA, "--out", str(run_dir), "--generations", "2", "--epochs", "2",
+           "--ascent-epochs", "1", "--warmup", "1", "--eval-every", "1", "--amp", "--channels-last"]
+    if smoke:  # tiny sizes: proves every command line and parser works, on a CPU (Triton interpreter); boxes from
+        # a 2-core CPU's CPU seconds (2026-12-05): sgd 109 (the interpreted step over 23.9M parameters), train 59,
+        # native 18, cli ~30; a CPU shared with other work (load ~10) needs 2-3x as long and times out
         return [
-            Step("env", [py, __file__, "--env-only"], 30),
-            Step("native", [py, __file__, "--build-native", str(native_dir)], 120),
-            Step("pytest", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests")], 90),
-            Step("sgd", [py, f"{b}/bench_sgd.py", "--reps", "2"], 110, "sgd"),
+            Step("env", [*me, "env"], 12), Step("native", [*me, "native", str(native_dir)], 40),
+            Step("pytest", pytest, 25), Step("sanitizer", [*me, "sanitize"], 3),
+            Step("sgd", [py, f"{b}/bench_sgd.py", "--reps", "2"], 130, "sgd"),
             Step("knn", [py, f"{b}/bench_knn.py", "--q", "64", "--n", "700", "--d", "32", "--k", "5", "--reps", "1"],
-                 40, "knn"),
-            Step("train", [py, f"{b}/bench_train.py", "--data", str(data_dir), "--batch", "16", "--epochs", "1",
-                           "--workers", "0", "--profile"], 90, "train"),
-            Step("data", [py, f"{b}/bench_data.py", "--data", str(data_dir), "--seconds", "0.2", "--workers", "1",
-                          "--loaders", "cache,torch,dali"], 40, "data"),
+                 8, "knn"),
+            Step("synth", [*me, "data", "10", "8", "2"], 8),
+            Step("train", [py, f"{b}/bench_train.py", "--data", DATA, "--batch", "16", "--epochs", "1", "--workers",
+                           "0", "--setups", "ours", "--profile"], 85, "train"),
+            Step("pack", pack, 2, str(out / "pack.csv")),
+            Step("data", [py, f"{b}/bench_data.py", "--data", DATA, "--seconds", "0.2", "--workers", "1",
+                          "--loaders", "cache,torch,dali"], 18, "data"),
             Step("depth", [py, f"{b}/bench_depth.py", "--train", "96", "--val", "32", "--classes", "10",
-                           "--batch", "32", "--arch", "resnet10", "--k", "5"], 40, "depth"),
-            Step("cli", [py, "-m", "seal_fast.train", "--data", str(data_dir), "--out", str(run_dir), "--arch",
-                         "resnet10", "--generations", "2", "--epochs", "2", "--ascent-epochs", "1", "--warmup", "1",
-                         "--eval-every", "1", "--batch-size", "16", "--workers", "0", "--amp", "--channels-last"], 60),
+                           "--batch", "32", "--arch", "resnet10", "--k", "5"], 20, "depth"),
+            Step("cli", [*cli[:7], "--arch", "resnet10", "--batch-size", "16", "--workers", "0", *cli[7:]], 19),
         ]
     return [
-        Step("env", [py, __file__, "--env-only"], 30),
-        Step("native", [py, __file__, "--build-native", str(native_dir)], 60),
-        Step("pytest", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfE",
-                        str(ROOT / "tests")], 110),
-        Step("sgd", [py, f"{b}/bench_sgd.py"], 50, "sgd"),
+        Step("env", [*me, "env"], 10), Step("native", [*me, "native", str(native_dir)], 30),
+        Step("pytest", pytest, 60), Step("sanitizer", [*me, "sanitize"], 25),
+        Step("sgd", [py, f"{b}/bench_sgd.py"], 25, "sgd"),
         Step("knn", [py, f"{b}/bench_knn.py", "--q", "10000", "--n", "100000", "--d", "256", "2048", "--k", "30",
-                     "--dtypes", "bf16", "fp32"], 70, "knn"),
-        Step("train", [py, f"{b}/bench_train.py", "--data", str(data_dir), "--batch", "32", "256", "--epochs", "2",
-                       "--profile"], 170, "train"),  # 3 epochs did not fit 130 s on an H200 (2026-12-04)
-        Step("data", [py, f"{b}/bench_data.py", "--data", str(data_dir), "--seconds", "2",
-                      "--loaders", "cache,torch,dali"], 45, "data"),
-        Step("depth", [py, f"{b}/bench_depth.py", "--train", "100000", "--val", "10000"], 90, "depth"),
-        Step("cli", [py, "-m", "seal_fast.train", "--data", str(data_dir), "--out", str(run_dir), "--device", "cuda",
-                     "--amp", "--channels-last", "--generations", "2", "--epochs", "3", "--ascent-epochs", "1",
-                     "--warmup", "1", "--eval-every", "1"], 70),
+                     "--dtypes", "bf16", "fp32"], 40, "knn"),
+        Step("synth", [*me, "data", "200", "50", "10"], 15),  # = bench_train's set; 10-13 s on an H200 host
+        Step("train", [py, f"{b}/bench_train.py", "--data", DATA, "--batch", "32", "256", "--epochs", "1",
+                       "--profile"], 100, "train"),  # 2 epochs took ~120 s on an H200 (2026-12-04)
+        Step("pack", pack, 40, str(out / "pack.csv")),
+        Step("data", [py, f"{b}/bench_data.py", "--data", DATA, "--seconds", "0.5", "--loaders", "cache,torch,dali"],
+             15, "data"),
+        Step("depth", [py, f"{b}/bench_depth.py", "--train", "100000", "--val", "10000"], 15, "depth"),
+        Step("cli", [*cli, "--device", "cuda"], 35),  # 6 epochs took 40 s on an H200 (2026-12-04)
     ]
-
-
-# ---- the environment step (run in its own process like every other) ------------------------------
-
-
-def environment_report() -> dict:
-    import torch
-
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda or "none",
-            "cudnn": str(torch.backends.cudnn.version()), "cpu_cores": os.cpu_count()}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except Exception as exc:  # noqa: BLE001
-        info["triton"] = f"missing ({exc})"
-    try:
-        from seal_fast.data.dali_loader import dali_available
-        info["dali"] = "yes" if dali_available() else "no"
-    except Exception as exc:  # noqa: BLE001
-        info["dali"] = f"error ({exc})"
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        free, total = torch.cuda.mem_get_info()
-        info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                    memory_gb=round(total / 1e9, 1), free_gb=round(free / 1e9, 1),
-                    l2_mb=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
-        smi = shutil.which("nvidia-smi")
-        if smi:
-            q = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu"
-            r = subprocess.run([smi, f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True,
-                               timeout=20)
-            info["nvidia_smi"] = (r.stdout or r.stderr).strip()
-    else:
-        info["gpu"] = "none (CPU only)"
-    return info
 
 
 # ---- running the steps ---------------------------------------------------------------------------
@@ -143,8 +127,13 @@ def csv_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+class Stopped(Exception):
+    """SIGTERM (or Ctrl-C) while a step runs: the step is killed, the report written with what is done."""
+
+
 def run_step(step: Step, timeout: float, log, env: dict, results_dir: Path) -> None:
-    before = len(csv_rows(results_dir / f"{step.csv}.csv")) if step.csv else 0
+    path = Path(step.csv) if step.csv and Path(step.csv).is_absolute() else results_dir / f"{step.csv}.csv"
+    before = len(csv_rows(path)) if step.csv else 0
     log.write(f"\n===== {step.name}: {' '.join(step.cmd)}\n===== time box {timeout:.0f} s\n")
     log.flush()
     offset = log.tell()
@@ -154,9 +143,11 @@ def run_step(step: Step, timeout: float, log, env: dict, results_dir: Path) -> N
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole step, its workers included
-        proc.wait()
         code = None
+    finally:  # a timeout, SIGTERM or Ctrl-C: the whole step, its workers included
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     step.seconds = time.perf_counter() - t
     log.seek(0, os.SEEK_END)
     with open(log.name, errors="replace") as f:
@@ -169,7 +160,7 @@ def run_step(step: Step, timeout: float, log, env: dict, results_dir: Path) -> N
     else:
         step.status, step.why = "failed", f"exit status {code} (see log.txt)"
     if step.csv:
-        step.rows = csv_rows(results_dir / f"{step.csv}.csv")[before:]
+        step.rows = csv_rows(path)[before:]
     log.write(f"===== {step.name}: {step.status} {step.why} in {step.seconds:.1f} s\n")
     log.flush()
 
@@ -222,7 +213,7 @@ def targets(steps: dict[str, Step], cuda: bool) -> list[tuple[str, str, str, str
 
     def line(name, step, value, goal, fmt, target=None, higher=True, why=""):
         s = steps.get(step)
-        if s is None or s.status == "not run":
+        if s is None or s.status in ("not run", "skipped"):
             out.append((name, "", goal, f"not run: {s.why if s else 'not selected'}"))
             return
         shown = fmt.format(value) if value is not None else ""
@@ -268,6 +259,10 @@ def targets(steps: dict[str, Step], cuda: bool) -> list[tuple[str, str, str, str
              "{:,.0f}", 30_000)
     else:
         out.append(("DALI loader, train images/s at batch 256", "", ">= 30,000", "not run: DALI not importable here"))
+    pack = first(steps["pack"].rows if "pack" in steps else [], k=8)
+    line("packed runs: K=8 on one GPU, images/s summed at batch 32 (MPS on)", "pack",
+         num(pack, "aggregate_images_per_s"), ">= 34,000 (the table in 12 h)", "{:,.0f}", 34_000)
+    line("packed runs: K=8 over one run alone (gain)", "pack", num(pack, "gain_vs_k1"), ">= 3x", "{:.2f}x", 3.0)
     depth = steps["depth"].rows[-1] if "depth" in steps and steps["depth"].rows else None
     line("prediction depth, all probes, 10k val x 100k train (s)", "depth", num(depth, "seconds"), "< 60 s",
          "{:.1f} s", 60, higher=False)
@@ -284,131 +279,177 @@ def targets(steps: dict[str, Step], cuda: bool) -> list[tuple[str, str, str, str
     return out
 
 
-def write_summary(out: Path, steps: list[Step], env_info: dict, budget: float, spent: float, smoke: bool) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
+
+
+@dataclass
+class Check:
+    """One gpu_check run: where it writes, its clock and budget, what the steps found so far."""
+    out: Path
+    smoke: bool
+    budget: float
+    env: dict
+    results_dir: Path
+    scratch: Path
+    start: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.time)
+    info: dict = field(default_factory=dict)  # the env step's report
+    data: str | None = None                   # the synth step's folder
+    state: str = "running"
+
+    @property
+    def scale(self) -> float:
+        return self.budget / BASE_S[self.smoke]
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.start)
+
+    def cuda(self) -> bool:
+        return bool(self.info) and not str(self.info.get("gpu", "none")).startswith("none")
+
+
+def write_report(c: Check, steps: list[Step]) -> None:
+    """results.csv and summary.md as they stand, each replaced whole: written after every step."""
+    info = dict(c.info)
+    info.setdefault("date", time.strftime("%Y-%m-%d %H:%M", time.gmtime(c.started_at)))
+    info.setdefault("commit", os.environ.get("SEAL_FAST_COMMIT", "unknown"))
+    info.setdefault("gpu", "unknown (the env step has not reported)")
     by = {s.name: s for s in steps}
-    cuda = "gpu" in env_info and not str(env_info["gpu"]).startswith("none")
-    lines = [f"# gpu_check {'(smoke: tiny sizes, not performance figures)' if smoke else ''}".rstrip(), "",
-             f"- device: {env_info.get('gpu', 'unknown')}; {env_info.get('nvidia_smi', '')}".rstrip("; "),
-             f"- torch {env_info.get('torch')} (CUDA {env_info.get('cuda')}), triton {env_info.get('triton')}, "
-             f"python {env_info.get('python')}, DALI {env_info.get('dali')}, {env_info.get('cpu_cores')} CPU cores",
-             f"- commit {env_info.get('commit', 'unknown')}, {env_info.get('date', '')}; "
-             f"{spent:.0f} s of a {budget:.0f} s budget", "",
-             "| step | status | seconds | note |", "|---|---|---|---|"]
-    for s in steps:
-        lines.append(f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.why} |")
+    lines = [f"# gpu_check {'(smoke: tiny sizes, not performance figures)' if c.smoke else ''}".rstrip(), "",
+             f"- device: {info['gpu']}; {info.get('nvidia_smi', '')}".rstrip("; "),
+             f"- torch {info.get('torch')} (CUDA {info.get('cuda')}), triton {info.get('triton')}, "
+             f"python {info.get('python')}, DALI {info.get('dali')}, {info.get('cpu_cores')} CPU cores",
+             f"- commit {info['commit']}, {info['date']}; {time.perf_counter() - c.start:.0f} s of a "
+             f"{c.budget:.0f} s budget; {c.state}", "", "| step | status | seconds | note |", "|---|---|---|---|"]
+    lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.why} |" for s in steps]
     lines += ["", "| performance target | measured | target | verdict |", "|---|---|---|---|"]
-    for name, measured, goal, v in targets(by, cuda):
-        lines.append(f"| {name} | {measured} | {goal} | {v} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-
-
-def write_results(out: Path, steps: list[Step], env_info: dict) -> None:
-    rows = []
-    base = {"date": env_info.get("date", ""), "commit": env_info.get("commit", ""),
-            "device": env_info.get("gpu", ""), "torch": env_info.get("torch", ""),
-            "triton": env_info.get("triton", ""), "cuda": env_info.get("cuda", "")}
-    rows.append(dict(base, step="env", bench="env", **{k: v for k, v in env_info.items() if k not in base}))
+    lines += [f"| {n} | {m} | {g} | {v} |" for n, m, g, v in targets(by, c.cuda())]
+    atomic_write(c.out / "summary.md", "\n".join(lines) + "\n")
+    base = {"date": info["date"], "commit": info["commit"], "device": info["gpu"], "torch": info.get("torch", ""),
+            "triton": info.get("triton", ""), "cuda": info.get("cuda", "")}
+    rows = [dict(base, step="env", bench="env", **{k: v for k, v in info.items() if k not in base})]
     for s in steps:
         rows.append(dict(base, step=s.name, bench="step", status=s.status, seconds=round(s.seconds, 2), note=s.why))
         rows += [dict(base, **r, step=s.name) for r in s.rows]
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(c.out / "results.csv", buf.getvalue())
+
+
+def skip_reason(s: Step, c: Check, ahead: bool = False) -> str:
+    """Why `s` cannot run ("" when it can); `ahead`: only what is known before the steps before it have run."""
+    if s.name == "env" or (ahead and not c.info):
+        return ""
+    if not c.info:
+        return "the env step gave no report (see log.txt)"
+    if not c.cuda() and (not c.smoke or s.name in GPU_ONLY):
+        return "needs a CUDA device; there is none here" + ("" if c.smoke else " (--smoke runs tiny sizes on a CPU)")
+    if s.name == "sanitizer" and sanitizer_exe() is None:
+        return "compute-sanitizer not found"
+    if s.name in NEEDS_DATA and c.data is None and not ahead:
+        return "no data: the synth step did not make it"
+    return ""
+
+
+def time_box(steps: list[Step], i: int, c: Check) -> float:
+    """Its own box, or more when earlier steps left time over; never eating into the later steps' boxes."""
+    scale = max(c.scale, 1.0)  # a smaller budget runs fewer steps, not every step in a box too small for it
+    later = sum(s.cap_s for s in steps[i + 1:] if not skip_reason(s, c, ahead=True)) * scale
+    return min(c.left() - RESERVE_S, max(steps[i].cap_s * scale, c.left() - RESERVE_S - later))
+
+
+def after(s: Step, c: Check, run_dir: Path) -> None:
+    """What a finished step hands on: the env report, the native build, the data folder, pytest's and the
+    profile's files, the CLI run's figures."""
+    if s.name == "env":
+        c.info = next((json.loads(ln) for ln in s.output.splitlines() if ln.startswith("{")), {})
+    elif s.name == "native":  # the later steps load this build (and, if it failed, skip, never rebuild)
+        c.env["SEAL_FAST_CUDA_LIB"] = str(c.scratch / "native" / "lib" / "libseal_fast_cuda.so")
+    elif s.name == "synth" and s.status == "ok":
+        c.data = next((ln[6:] for ln in s.output.splitlines() if ln.startswith("data: ")), None)
+    elif s.name == "pytest":
+        atomic_write(c.out / "pytest.txt", s.output)
+        s.why = (s.why + "; " if s.why else "") + pytest_counts(s.output)
+    elif s.name == "train":
+        profiles = sorted(p for p in c.results_dir.glob("train_profile_*.txt") if p.stat().st_mtime >= c.started_at)
+        if profiles:
+            atomic_write(c.out / "profile.txt", "\n\n".join(p.read_text() for p in profiles))
+    elif s.name == "cli" and s.status == "ok":
+        s.rows = cli_rows(run_dir)
+
+
+def run_steps(c: Check, steps: list[Step], run_dir: Path) -> None:
+    with open(c.out / "log.txt", "w") as log:
+        log.write(f"gpu_check {'--smoke ' if c.smoke else ''}budget {c.budget:.0f} s, {time.ctime()}\n")
+        for i, s in enumerate(steps):
+            s.why = skip_reason(s, c)
+            box = time_box(steps, i, c)
+            if s.why or box < max(3.0, 0.3 * s.cap_s):
+                s.status, s.why = "skipped", s.why or f"budget spent ({c.budget:.0f} s; {max(box, 0):.0f} s left)"
+            else:
+                s.cmd = [c.data if a == DATA else a for a in s.cmd]
+                try:
+                    run_step(s, box, log, c.env, c.results_dir)
+                except Stopped:
+                    s.status, s.why = "killed", "gpu_check was stopped (SIGTERM or Ctrl-C) during this step"
+                    c.state = f"stopped during {s.name}; the steps after it did not run"
+                    raise
+                finally:
+                    after(s, c, run_dir)
+            c.state = f"running: {i + 1} of {len(steps)} steps done" if i + 1 < len(steps) else "finished"
+            write_report(c, steps)
+
+
+def stop(signum, frame):
+    raise Stopped
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="folder for summary.md, results.csv, log.txt, pytest.txt, profile.txt")
+    p.add_argument("--out", required=True,
+                   help="folder for summary.md, results.csv, log.txt, pytest.txt, profile.txt, pack.csv")
     p.add_argument("--budget-s", type=float, default=420, help="stop within this many seconds (default 420)")
     p.add_argument("--smoke", action="store_true", help="every step at tiny sizes (CPU: Triton interpreter)")
     p.add_argument("--only", nargs="+", choices=STEPS, help="run only these steps (env always runs)")
-    p.add_argument("--env-only", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--build-native", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.env_only:
-        print(json.dumps(environment_report()))
-        return 0
-    if args.build_native:
-        from seal_fast.kernels import cuda
+    return check(Path(args.out), args.budget_s, args.smoke, args.only)
 
-        t = time.perf_counter()
-        print(f"built {cuda.build(Path(args.build_native), architectures='90')} in {time.perf_counter() - t:.1f} s")
-        return 0
-    if not args.out:
-        p.error("--out DIR is required")
-    start, started_at = time.perf_counter(), time.time()
-    out = Path(args.out)
+
+def check(out: Path, budget: float, smoke: bool, only: list[str] | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check-"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x]),
-               PYTHONUNBUFFERED="1", SEAL_FAST_CACHE=str(scratch / "cache") if args.smoke
+               PYTHONUNBUFFERED="1", SEAL_FAST_CACHE=str(scratch / "cache") if smoke
                else os.environ.get("SEAL_FAST_CACHE", str(Path.home() / ".cache" / "seal_fast")))
-    results_dir = Path(os.environ.get("SEAL_FAST_BENCH_RESULTS") or ROOT / "bench" / "results")
-    if args.smoke:  # trial rows go to a scratch folder, never into the committed CSVs
-        results_dir = scratch / "results"
+    # smoke: trial rows go to a scratch folder, never into the committed CSVs
+    results_dir = scratch / "results" if smoke else Path(os.environ.get("SEAL_FAST_BENCH_RESULTS")
+                                                        or ROOT / "bench" / "results")
     env["SEAL_FAST_BENCH_RESULTS"] = str(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    if not args.smoke:
+    if not smoke:
         env.pop("TRITON_INTERPRET", None)  # compiled kernels, never the interpreter, on the GPU
-    budget = args.budget_s
-    scale = budget / 420.0
-
-    def left() -> float:
-        return budget - (time.perf_counter() - start)
-
-    with open(out / "log.txt", "w") as log:
-        log.write(f"gpu_check {'--smoke ' if args.smoke else ''}budget {budget:.0f} s, {time.ctime()}\n")
-        # the generated 200-class set shared by train, data and cli (made once; its time counts)
-        from seal_fast.data.synthetic import ensure_synthetic  # noqa: E402  (light: numpy + PIL)
-
-        os.environ["SEAL_FAST_CACHE"] = env["SEAL_FAST_CACHE"]
-        t = time.perf_counter()
-        classes, per_class, val_per_class = (10, 8, 2) if args.smoke else (200, 50, 10)  # = bench_train's set
-        data_dir = ensure_synthetic(num_classes=classes, train_per_class=per_class, val_per_class=val_per_class,
-                                    size=64)[0]
-        log.write(f"data: {data_dir} ({time.perf_counter() - t:.1f} s)\n")
-        native_dir = scratch / "native"
-        steps = plan(args.smoke, data_dir, scratch / "cli-run", native_dir)
-        if args.only:
-            steps = [s for s in steps if s.name == "env" or s.name in args.only]
-        for s in steps:
-            remaining = left()
-            if remaining < 10:
-                s.why = f"budget spent ({budget:.0f} s)"
-                continue
-            run_step(s, min(s.cap_s * max(scale, 1.0) if not args.smoke else s.cap_s, remaining - 5), log, env,
-                     results_dir)
-            if s.name == "native":  # the later steps load this build (and, if it failed, skip, never rebuild)
-                env["SEAL_FAST_CUDA_LIB"] = str(native_dir / "lib" / "libseal_fast_cuda.so")
-    env_info: dict = {}
-    for line in steps[0].output.splitlines():  # the env step's one JSON line
-        if line.startswith("{"):
-            env_info = json.loads(line)
-            break
-    from bench.utils import environment
-
-    e = environment()
-    env_info.update(date=e["date"], commit=os.environ.get("SEAL_FAST_COMMIT") or e["commit"])
-    if "gpu" not in env_info:
-        env_info["gpu"] = e["device"]
-    for s in steps:
-        if s.name == "cli" and s.status == "ok":
-            s.rows = cli_rows(scratch / "cli-run")
-    pytest_step = next((s for s in steps if s.name == "pytest"), None)
-    if pytest_step and pytest_step.status != "not run":
-        (out / "pytest.txt").write_text(pytest_step.output)
-        pytest_step.why = (pytest_step.why + "; " if pytest_step.why else "") + pytest_counts(pytest_step.output)
-    profiles = sorted(p for p in results_dir.glob("train_profile_*.txt") if p.stat().st_mtime >= started_at)
-    if profiles:
-        (out / "profile.txt").write_text("\n\n".join(p.read_text() for p in profiles))
-    write_results(out, steps, env_info)
-    write_summary(out, steps, env_info, budget, time.perf_counter() - start, args.smoke)
-    shutil.rmtree(scratch, ignore_errors=True)
+    c = Check(out, smoke, budget, env, results_dir, scratch)
+    steps = plan(smoke, out, scratch / "cli-run", scratch / "native")
+    if only:
+        wanted = {"env", *only} | ({"synth"} if NEEDS_DATA & set(only) else set())
+        steps = [s for s in steps if s.name in wanted]
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run_steps(c, steps, scratch / "cli-run")
+    except Stopped:
+        write_report(c, steps)
+        return 143
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(scratch, ignore_errors=True)
     print((out / "summary.md").read_text())
-    bad = [s.name for s in steps if s.status in ("failed", "timeout")]
-    return 1 if bad else 0
+    return 1 if any(s.status in ("failed", "timeout") for s in steps) else 0
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ import csv
 import os
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
 
+ROOT = Path(__file__).resolve().parents[2]
 MPS_CONTROL = "nvidia-cuda-mps-control"
 HEADROOM = 0.95  # of each GPU's memory shared by its K runs; the rest is the CUDA contexts' and MPS's own
 
@@ -100,6 +103,71 @@ class MPS:
         except (OSError, subprocess.TimeoutExpired) as exc:
             print(f"MPS: could not stop the daemon ({exc}); stop it with: echo quit | "
                   f"CUDA_MPS_PIPE_DIRECTORY={self.env['CUDA_MPS_PIPE_DIRECTORY']} {MPS_CONTROL}")
+
+
+def open_slots(k: int, gpus: list[str], folder: Path) -> tuple[list[dict[str, str] | None], MPS | None]:
+    """K slots on each of `gpus` with MPS started in `folder` (None: not started), or, with no GPU, K plain slots
+    sharing the CPU. A local sweep and a packed Slurm job both train in these."""
+    if not gpus:
+        print(f"{k} runs per GPU: no GPU here; {k} runs share the CPU", flush=True)
+        return [None] * k, None
+    mps = MPS(folder)
+    on = mps.start()
+    return [dict(s, **mps.env) for s in slots(gpus, k, on)], mps
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (Slurm sets it for a job's GPUs)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    names = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return names[:n] if len(names) >= n else [str(i) for i in range(n)]
+
+
+def launch(run, threads: int, slot: dict[str, str] | None = None, note: str = "") -> subprocess.Popen:
+    """Start one sweep run's trainer (`python -m seal_fast.train ... --resume auto`), its output appended to its
+    folder's train.log; `slot` is the environment of its packed slot (its GPU and memory share)."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(slot or {}),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "seal_fast.train", *run.argv]
+    log = open(run.folder / "train.log", "a")
+    log.write(f"\n$ {' '.join(cmd)}{'  ' + note if note else ''}\n"
+              + (f"# slot: {' '.join(f'{k}={v}' for k, v in slot.items())}\n" if slot else ""))
+    log.flush()
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log  # closed when the run ends
+    return proc
+
+
+def train_in_slots(todo: list, free: list[dict[str, str] | None], threads: int, start=launch) -> dict[str, int]:
+    """Train the runs `todo`, one per free slot at a time (`start(run, threads, slot)` starts one): a run that ends
+    frees its slot for the next, one that fails does not stop the others. Returns {run name: exit code} of the runs
+    that failed."""
+    running: list[tuple] = []
+    failed: dict[str, int] = {}
+    queue = list(todo)
+    while queue or running:
+        while queue and free:
+            r, slot = queue.pop(0), free.pop(0)
+            state, done, _ = r.state()
+            print(f"start  {r.name} ({'resuming at epoch ' + str(done) if state == 'partial' else 'new'})", flush=True)
+            running.append((r, start(r, threads, slot), time.time(), slot))
+        time.sleep(0.2)
+        for item in list(running):
+            r, proc, t0, slot = item
+            if proc.poll() is None:
+                continue
+            proc.log.close()
+            running.remove(item)
+            free.append(slot)
+            if proc.returncode == 0:
+                print(f"done   {r.name} in {(time.time() - t0) / 60:.1f} min", flush=True)
+            else:
+                failed[r.name] = proc.returncode
+                print(f"FAILED {r.name} (exit {proc.returncode}); see {r.folder / 'train.log'}", flush=True)
+    return failed
 
 
 def pack_csv() -> Path:

@@ -1,11 +1,15 @@
-"""`sweep --launcher slurm`: one Slurm job per run through submitit, requeued on preemption or time limit.
+"""`sweep --launcher slurm`: one Slurm job per run through submitit (or K runs per GPU of each job with
+`--runs-per-gpu K`), requeued on preemption or time limit.
 
 Each job runs `python -m seal_fast.train ... --resume auto` into the run's folder (its output appended to the
-folder's train.log). When Slurm preempts the job or its time runs out, submitit calls `TrainJob.checkpoint()`,
-which hands back the same run: the job is requeued and the trainer resumes from its last checkpoint, exactly (a
-`scontrol requeue` reruns the same submission to the same end). The job ids are recorded in OUT/slurm/jobs.json,
-so running the sweep again never submits a run whose job is still queued or running; `sweep --out OUT --status`
-shows every run's state from Slurm (scontrol) and from its folder.
+folder's train.log). A packed job (`PackedJob`) trains its runs at once in packing.py's slots, the ones a local
+`--runs-per-gpu` sweep uses (K per GPU the job holds, MPS started inside the job where it runs, else time-sliced;
+without a GPU they share the job's CPUs); a run that fails does not stop the others. When Slurm preempts a job or
+its time runs out, submitit calls the job's `checkpoint()`, which hands back the same run(s): the job is requeued
+and every unfinished run resumes from its last checkpoint, exactly (a `scontrol requeue` reruns the same submission
+to the same end). The job ids are recorded per run in OUT/slurm/jobs.json, so running the sweep again never submits
+a run whose job is still queued or running; `sweep --out OUT --status` shows every run's state from Slurm
+(scontrol) and from its folder.
 """
 
 from __future__ import annotations
@@ -47,6 +51,43 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.argv, self.folder, self.env))
 
 
+class PackedJob:
+    """What one packed Slurm job runs: its runs at once, K per GPU it holds (packing.open_slots, MPS in
+    OUT/slurm/<job>/r<restart>/mps), each with its own seed, folder and `--resume auto`; a run that fails does not
+    stop the others, and the job fails once they end, naming it. checkpoint() requeues the unfinished ones."""
+
+    def __init__(self, runs: list, k: int, threads: int, out: str):
+        self.runs, self.k, self.threads, self.out = runs, k, threads, out
+
+    def __call__(self) -> int:
+        from .packing import launch, open_slots, train_in_slots, visible_gpus
+
+        job, restart = os.environ.get("SLURM_JOB_ID", "?"), os.environ.get("SLURM_RESTART_COUNT", "0")
+        todo = [r for r in self.runs if r.state()[0] != "finished"]
+        free, mps = open_slots(self.k, visible_gpus(), Path(self.out) / "slurm" / job / f"r{restart}")
+        try:
+            note = f"(Slurm job {job}, restart {restart}, packed: {', '.join(r.name for r in self.runs)})"
+            failed = train_in_slots(todo, free, self.threads, start=lambda r, t, slot: launch(r, t, slot, note))
+        finally:
+            if mps is not None:
+                mps.stop()
+        if failed:
+            raise RuntimeError("; ".join(f"{r.name}: the trainer exited {failed[r.name]}: "
+                                         f"{last_line(r.folder / 'train.log')}" for r in self.runs if r.name in failed))
+        return 0
+
+    def checkpoint(self):
+        """Preempted or out of time: requeue the same runs (each resumes with --resume auto)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(PackedJob(self.runs, self.k, self.threads, self.out))
+
+
+def runs_per_job(args) -> int:
+    """1, or with --runs-per-gpu K: K per GPU of each job (K when the jobs ask for no GPU)."""
+    return 1 if args.runs_per_gpu is None else args.runs_per_gpu * max(1, args.gpus_per_job)
+
+
 def last_line(path: Path) -> str:
     lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()] if path.exists() else []
     return lines[-1].strip() if lines else "(no output)"
@@ -66,9 +107,9 @@ def executor(out: Path, args):
     if args.gpus_per_job:
         extra["gpus_per_node"] = args.gpus_per_job
     root = Path(__file__).resolve().parents[2]
-    ex.update_parameters(name="seal-sweep", timeout_min=args.time, cpus_per_task=args.cpus_per_run,
-                         tasks_per_node=1, nodes=1, slurm_additional_parameters=dict(requeue=True),
-                         slurm_srun_args=["--cpu-bind=none"],
+    ex.update_parameters(name="seal-sweep", timeout_min=args.time, tasks_per_node=1, nodes=1,
+                         cpus_per_task=args.cpus_per_run * runs_per_job(args), slurm_srun_args=["--cpu-bind=none"],
+                         slurm_additional_parameters=dict(requeue=True),
                          slurm_setup=[f"export PYTHONPATH={root}${{PYTHONPATH:+:$PYTHONPATH}}"], **extra)
     if args.sbatch:
         ex.update_parameters(slurm_additional_parameters=dict(requeue=True, **sbatch_lines(args.sbatch)))
@@ -114,9 +155,10 @@ def job_state(job_id: str) -> tuple[str, int]:
 
 
 def submit(runs, out: Path, args) -> list:
-    """Submit every unfinished run whose recorded job is not alive; returns submitit's jobs."""
+    """Submit every unfinished run whose recorded job is not alive, `runs_per_job` to a job; returns submitit's
+    jobs."""
     ex = executor(out, args)
-    jobs, submitted = read_jobs(out), []
+    jobs, todo, submitted = read_jobs(out), [], []
     for r in runs:
         state = r.state()[0]
         alive = [j for j in jobs.get(r.name, []) if job_state(j)[0] in ALIVE]
@@ -125,9 +167,17 @@ def submit(runs, out: Path, args) -> list:
                                           f"{job_state(alive[-1])[0].lower()}"), flush=True)
             continue
         r.folder.mkdir(parents=True, exist_ok=True)
-        job = ex.submit(TrainJob(r.argv, str(r.folder), {"OMP_NUM_THREADS": str(args.cpus_per_run)}))
-        record(out, r.name, str(job.job_id))
-        print(f"submit {r.name}: Slurm job {job.job_id}", flush=True)
+        todo.append(r)
+    size = runs_per_job(args)
+    for group in (todo[i:i + size] for i in range(0, len(todo), size)):
+        if args.runs_per_gpu is None:
+            task = TrainJob(group[0].argv, str(group[0].folder), {"OMP_NUM_THREADS": str(args.cpus_per_run)})
+        else:
+            task = PackedJob(group, args.runs_per_gpu, args.cpus_per_run, str(out))
+        job = ex.submit(task)
+        for r in group:
+            record(out, r.name, str(job.job_id))
+        print(f"submit {', '.join(r.name for r in group)}: Slurm job {job.job_id}", flush=True)
         submitted.append(job)
     return submitted
 
@@ -149,7 +199,9 @@ def status(runs, out: Path) -> int:
         else:
             word = "not submitted" if not ids else f"{state} ({slurm.lower()})"
         finished += state == "finished"
-        job = f"job {ids[-1]}" + (f", {restarts} restart(s)" if restarts else "") if ids else "no job"
-        print(f"{r.name:14s} {done}/{planned or '?'} epochs  {job:24s} {word}")
+        shared = sum(1 for v in jobs.values() if ids and v and v[-1] == ids[-1])
+        job = (f"job {ids[-1]}" + (f" ({shared} runs)" if shared > 1 else "")
+               + (f", {restarts} restart(s)" if restarts else "") if ids else "no job")
+        print(f"{r.name:14s} {done}/{planned or '?'} epochs  {job:34s} {word}")
     print(f"{finished}/{len(runs)} runs finished")
     return 0 if finished == len(runs) else 1

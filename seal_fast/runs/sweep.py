@@ -23,9 +23,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from ..config import Config, read_saved_config
 from ..errors import ConfigError, SealError, cli_main
 from ..preflight import check_train_argv
 from .outdir import out_folder
-from .packing import MPS, measured_packing, pack_csv, parse_gpus, slots
+from .packing import MPS, launch, measured_packing, open_slots, pack_csv, parse_gpus, train_in_slots
 
 KINDS = {"normal160": ["--method", "normal", "--generations", "1"], "normal": ["--method", "normal"],
          "llf": ["--method", "llf"], "seal": ["--method", "seal"]}
@@ -67,6 +65,12 @@ class Run:
     def name(self) -> str:
         return f"{self.kind}-s{self.seed}"
 
+    @classmethod
+    def named(cls, out: Path, name: str) -> "Run":
+        """The run `name` (<kind>-s<seed>) of the sweep folder `out`, for its state only (no command line)."""
+        kind, _, seed = name.rpartition("-s")
+        return cls(kind, int(seed) if seed.isdigit() else -1, out / name, [])
+
     def state(self) -> tuple[str, int, int | None]:
         """("new" | "partial" | "finished", epochs done, epochs planned)."""
         metrics, cfg = self.folder / "metrics.jsonl", self.folder / "config.json"
@@ -95,13 +99,14 @@ def parser():
                    help="runs trained at once (separate processes; default 1)")
     p.add_argument("--runs-per-gpu", type=int, metavar="K",
                    help="pack K runs on each GPU (each capped at about 0.95/K of its memory, under NVIDIA MPS when "
-                        "nvidia-cuda-mps-control is there, else time-sliced); without a GPU, K runs share the CPU")
+                        "nvidia-cuda-mps-control is there, else time-sliced); without a GPU, K runs share the CPU; "
+                        "with --launcher slurm, K runs per GPU of each job")
     p.add_argument("--gpus", metavar="LIST",
                    help="with --runs-per-gpu: the GPUs to pack, e.g. 0,1 (default: every visible GPU)")
     p.add_argument("--threads-per-run", type=int, metavar="N", help="CPU threads of each run (default: cores / jobs)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",
-                   help="local: train here (default); slurm: one Slurm job per run through submitit, requeued on "
-                        "preemption / time limit and resumed exactly (docs/cluster.md)")
+                   help="local: train here (default); slurm: one Slurm job per run (K x GPUs with --runs-per-gpu K) "
+                        "through submitit, requeued on preemption / time limit and resumed exactly (docs/cluster.md)")
     p.add_argument("--status", action="store_true",
                    help="show each run's state (Slurm's and its folder's) in --out, start nothing")
     s = p.add_argument_group("Slurm (--launcher slurm)")
@@ -111,7 +116,8 @@ def parser():
     s.add_argument("--time", type=int, default=24 * 60, metavar="MIN",
                    help="time limit of each job in minutes (default 1440); a run that outlasts it is requeued")
     s.add_argument("--gpus-per-job", type=int, default=0, metavar="N", help="GPUs of each job (default 0: none asked)")
-    s.add_argument("--cpus-per-run", type=int, default=4, metavar="N", help="CPUs of each job (default 4)")
+    s.add_argument("--cpus-per-run", type=int, default=4, metavar="N",
+                   help="CPUs of each run (default 4); a packed job asks that times its runs")
     s.add_argument("--mem", metavar="SIZE", help="memory of each job, as sbatch's --mem (e.g. 32G)")
     s.add_argument("--sbatch", action="append", metavar="NAME=VALUE",
                    help="an extra #SBATCH option for every job, e.g. --sbatch constraint=h100 (repeatable)")
@@ -134,9 +140,9 @@ def parse(argv: list[str] | None):
     if args.runs_per_gpu is not None and (args.runs_per_gpu < 1 or args.jobs != 1):
         raise ConfigError(f"--runs-per-gpu {args.runs_per_gpu}: give K >= 1, and not with --jobs (K runs per GPU "
                           "already sets how many train at once)")
-    if args.launcher == "slurm" and args.runs_per_gpu is not None:
-        raise ConfigError("--runs-per-gpu with --launcher slurm: not supported yet; submit one run per job "
-                          "(drop --runs-per-gpu) or pack runs on a local GPU")
+    if args.launcher == "slurm" and args.gpus is not None:
+        raise ConfigError(f"--gpus {args.gpus} with --launcher slurm: Slurm picks each job's GPUs; say how many with "
+                          "--gpus-per-job N (K x N runs share a job with --runs-per-gpu K)")
     if args.time < 1 or args.cpus_per_run < 1 or args.gpus_per_job < 0:
         raise ConfigError("--time, --cpus-per-run: at least 1; --gpus-per-job: 0 or more")
     if args.gpus is not None and args.runs_per_gpu is None:
@@ -230,31 +236,11 @@ def packed_projection(args, gpu: str | None, sequential_h: float | None, epochs_
     print(f"packed, {k} per GPU on {n} GPU(s): ~{hours:.1f} h ({where}; {how})")
 
 
-def launch(run: Run, threads: int, slot: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start one run's trainer; `slot` is the environment of its packed slot (its GPU and memory share)."""
-    run.folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(slot or {}),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "seal_fast.train", *run.argv]
-    log = open(run.folder / "train.log", "a")
-    log.write(f"\n$ {' '.join(cmd)}\n" + (f"# slot: {' '.join(f'{k}={v}' for k, v in slot.items())}\n" if slot else ""))
-    log.flush()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    proc.log = log  # closed when the run ends
-    return proc
-
-
 def packed_slots(args, out: Path) -> tuple[list[dict[str, str] | None], MPS | None]:
     """The slots the runs train in: `--jobs K` plain ones, or K per GPU with `--runs-per-gpu K` (MPS started)."""
     if args.runs_per_gpu is None:
         return [None] * args.jobs, None
-    gpus = args.gpus or [str(i) for i in range(torch.cuda.device_count())]
-    if not gpus:
-        print(f"--runs-per-gpu {args.runs_per_gpu}: no GPU here; {args.runs_per_gpu} runs share the CPU", flush=True)
-        return [None] * args.runs_per_gpu, None
-    mps = MPS(out)
-    on = mps.start()
-    return [dict(s, **mps.env) for s in slots(gpus, args.runs_per_gpu, on)], mps
+    return open_slots(args.runs_per_gpu, args.gpus or [str(i) for i in range(torch.cuda.device_count())], out)
 
 
 def on_slurm(runs: list[Run], out: Path, args) -> int:
@@ -285,9 +271,10 @@ def run(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(runs, args)
     out = out_folder(args.out)
-    if args.status:
-        from .slurm import status
-        return status(runs, out)
+    if args.status:  # the runs given and every run the sweep folder's jobs.json records (other seeds, kinds)
+        from .slurm import read_jobs, status
+        known = {r.name for r in runs}
+        return status(runs + [Run.named(out, n) for n in read_jobs(out) if n not in known], out)
     if args.launcher == "slurm":
         return on_slurm(runs, out, args)
     old = signal.signal(signal.SIGTERM, _terminate)
@@ -306,28 +293,7 @@ def train_all(args, runs: list[Run], free: list[dict[str, str] | None]) -> int:
     skipped = len(runs) - len(todo)
     print(f"sweep {args.out}: {len(runs)} runs, {skipped} finished already, {len(todo)} to train, "
           f"{len(free)} at a time ({threads} CPU threads each)", flush=True)
-    running: list[tuple[Run, subprocess.Popen, float, dict[str, str] | None]] = []
-    failed: dict[str, int] = {}
-    queue = list(todo)
-    while queue or running:
-        while queue and free:
-            r, slot = queue.pop(0), free.pop(0)
-            state, done, planned = r.state()
-            print(f"start  {r.name} ({'resuming at epoch ' + str(done) if state == 'partial' else 'new'})", flush=True)
-            running.append((r, launch(r, threads, slot), time.time(), slot))
-        time.sleep(0.2)
-        for item in list(running):
-            r, proc, t0, slot = item
-            if proc.poll() is None:
-                continue
-            proc.log.close()
-            running.remove(item)
-            free.append(slot)
-            if proc.returncode == 0:
-                print(f"done   {r.name} in {(time.time() - t0) / 60:.1f} min", flush=True)
-            else:
-                failed[r.name] = proc.returncode
-                print(f"FAILED {r.name} (exit {proc.returncode}); see {r.folder / 'train.log'}", flush=True)
+    failed = train_in_slots(todo, free, threads, start=launch)
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix the cause and run the same command again "
               "(finished runs are skipped)", file=sys.stderr)
