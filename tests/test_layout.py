@@ -163,3 +163,56 @@ def test_studies_never_import_the_training_loop():
     wrong = [f"{module} -> seal_fast.train" for module, targets in import_graph().items()
              if floor(module) == "seal_fast.studies" and "seal_fast.train" in targets]
     assert not wrong, wrong
+
+
+# ----------------------------------------------------------------------------------------------
+# Room sizes: a module under ~450 lines, a function under ~80 (docs/architecture.md)
+# ----------------------------------------------------------------------------------------------
+
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 80
+# (file, function) -> why it stays longer; every entry must still exist and still be long (a stale one fails)
+LONG_FUNCTIONS: dict[tuple[str, str], str] = {}
+# file -> why it stays over MAX_MODULE_LINES (a stale entry fails too)
+LONG_MODULES: dict[str, str] = {
+    "bench/gpu_check.py": "the one prepared GPU command: its docstring is the step table with each step's time box "
+                          "(checked against the plan by tests/test_gpu_check.py); its steps' commands are gpu_steps.py",
+}
+
+
+def project_sources() -> list[Path]:
+    """The package (seal_fast/**, kernels/** once) and the measuring commands (bench/*.py); not the tests."""
+    return [*module_files().values(), *sorted((ROOT / "bench").glob("*.py"))]
+
+
+def long_functions() -> dict[tuple[str, str], int]:
+    found = {}
+    for path in project_sources():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found[(str(path.relative_to(ROOT)), node.name)] = length
+    return found
+
+
+def test_every_module_is_under_450_lines():
+    long = {str(p.relative_to(ROOT)): n for p in project_sources()
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    unexplained = {f: n for f, n in long.items() if f not in LONG_MODULES}
+    stale = sorted(set(LONG_MODULES) - set(long))
+    assert not unexplained, f"split these rooms (lines), or list them with a reason: {unexplained}"
+    assert not stale, f"LONG_MODULES names rooms that are short now or gone: {stale}"
+
+
+def test_every_function_is_under_80_lines_or_says_why():
+    found = long_functions()
+    unexplained = {k: n for k, n in found.items() if k not in LONG_FUNCTIONS}
+    stale = sorted(set(LONG_FUNCTIONS) - set(found))
+    assert not unexplained, f"split these functions (lines), or list them with a reason: {unexplained}"
+    assert not stale, f"LONG_FUNCTIONS names functions that are gone or short now: {stale}"
+
+
+def test_the_size_scan_sees_every_room():
+    paths = {str(p.relative_to(ROOT)) for p in project_sources()}
+    assert {"seal_fast/train.py", "kernels/knn.py", "bench/gpu_check.py", "seal_fast/studies/hessian.py"} <= paths
