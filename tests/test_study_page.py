@@ -48,7 +48,7 @@ def write_depth(out: Path, root: Path, relative: bool) -> None:
 def write_hessian(out: Path, root: Path) -> None:
     results = []
     for i, (run, (ev, est)) in enumerate(HESS.items()):
-        results.append(hessian.Result(str(ckpt(root, run)), label(run), 1.5 + i, 1000, hessian.Eigen(ev, [3, 3],
+        results.append(hessian.Result(str(ckpt(root, run)), label(run), 1.5 + i, 1000, ["fc.weight", "fc.bias"], hessian.Eigen(ev, [3, 3],
                                       [True, True], torch.zeros(2, 4)), hessian.Trace(est, True),
                                       hessian.Density([[-0.5, 1.0, ev[0]]], [[0.25, 0.5, 0.25]], [3]), 12, 0.5))
     hessian.write_outputs(out, results, {"data": "tiny", "samples": 4, "dtype": "float32", "slq_runs": 1,
