@@ -78,12 +78,16 @@ def episode_chunk(ways: int, shots: int, queries: int, dim: int, device: torch.d
     quarter of the free memory (at most 1 GB on a CPU, where bigger blocks only cost page faults)."""
     span = min(ways * shots, dim)
     m = (span + 1) * ways
-    per_episode = 8 * (ways * (shots + queries) * dim * 3 + dim * span + 3 * m * m)
+    return episodes_that_fit(8 * (ways * (shots + queries) * dim * 3 + dim * span + 3 * m * m), device, episodes)
+
+
+def episodes_that_fit(per_episode: int, device: torch.device, episodes: int) -> int:
+    """How many episodes of `per_episode` bytes fit in a quarter of the free memory (at most 1 GB on a CPU, where
+    bigger blocks only cost page faults): at least 1, at most `episodes`."""
     budget = 0.25 * free_memory(device)
     if device.type != "cuda":
         budget = min(budget, 1e9)
     return int(max(1, min(episodes, budget // per_episode)))
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,10 +101,7 @@ def bscd_chunk(ways: int, shots: int, queries: int, dim: int, device: torch.devi
     momentum buffers, and batch orders in a quarter of the free memory (at most 1 GB on a CPU)."""
     support = ways * shots
     per_episode = 4 * (support * dim + ways * queries * dim + 8 * ways * dim) + 8 * settings["epochs"] * support
-    budget = 0.25 * free_memory(device)
-    if device.type != "cuda":
-        budget = min(budget, 1e9)
-    return int(max(1, min(episodes, budget // per_episode)))
+    return episodes_that_fit(per_episode, device, episodes)
 
 
 def bscd_init(episodes: int, dim: int, ways: int, generator: torch.Generator,

@@ -56,18 +56,15 @@ from .. import checkpoint
 from ..errors import ConfigError, DataError
 from ..runtime import free_memory, pick_device
 from .command import open_output, report_written, require_checkpoints, study_main, study_parser
-from .hessian_math import (  # noqa: F401 - re-exported: the study's mathematics, by their old names too
+from .hessian_math import (
     Density,
     Eigen,
     HessianOperator,
-    Hvp,
     Trace,
     hutchinson_trace,
-    lanczos,
     select_params,
     slq_density,
     top_eigenvalues,
-    tridiagonal_quadrature,
 )
 
 
