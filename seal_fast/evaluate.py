@@ -22,6 +22,7 @@ from . import checkpoint
 from .cli import command_parser
 from .errors import DataError, WriteError, cli_main, write_failure
 from .models import build_model
+from .files import written_whole
 
 ARCHS = "resnet50, resnet18, resnet10"
 
@@ -121,16 +122,13 @@ def write_per_class(result: Result, path: str | os.PathLike) -> None:
     """Written to a temporary file beside `path`, then renamed over it: a reader never sees half a table, and a failed
     write leaves an earlier file of that name whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w", newline="") as f:
+        with written_whole(path) as f:
             w = csv.writer(f)
             w.writerow(["class", "wnid", "images", "correct", "top1"])
             for i, (wnid, (right, seen)) in enumerate(zip(result.classes, result.per_class)):
                 w.writerow([i, wnid, seen, right, f"{right / seen:.6f}" if seen else ""])
-        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise WriteError(write_failure(exc, path, atomic=True, then="run again")) from None
 
 

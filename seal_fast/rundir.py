@@ -12,6 +12,7 @@ from pathlib import Path
 from . import distributed
 from .config import Config
 from .errors import ConfigError
+from .files import write_whole
 from .runtime import lock_folder, make_out_folder
 
 
@@ -127,6 +128,4 @@ def append_line(path: Path, line: str) -> None:
 
 def rewrite_metrics(out: Path, history: list[dict]) -> None:
     """On resume: metrics.jsonl = exactly the epochs the checkpoint holds (drops a line written after it)."""
-    tmp = out / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, out / "metrics.jsonl")
+    write_whole(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))

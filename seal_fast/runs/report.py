@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..cli import command_parser
 from ..errors import DataError, cli_main
+from ..files import write_whole, written_whole
 from .groups import ORDER, Group, RunRecord, applies, differing, find_runs, group_runs, scope
 from .outdir import check_own, marked, out_folder
 
@@ -109,7 +110,7 @@ def table_md(table: list[dict], common: dict[str, str], unreadable: list[str]) -
 
 
 def write_csv(table: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with written_whole(path) as f:
         w = csv.DictWriter(f, fieldnames=list(table[0]))
         w.writeheader()
         w.writerows(table)
@@ -232,7 +233,7 @@ def write_runs(runs: list[RunRecord], unreadable: list[str], out: Path | None) -
     print(text)
     if out is None:
         return
-    (out / FILES[0]).write_text(marked(text, "report"))  # first: the other two are the report's beside it
+    write_whole(out / FILES[0], marked(text, "report"))  # first: the other two are the report's beside it
     write_csv(table, out / FILES[1])
     plot(groups, [f"{r['kind']}" + (f" [{r['settings']}]" if r["settings"] else "") for r in table], out / FILES[2])
     print(f"wrote {', '.join(str(out / f) for f in FILES)} ({len(runs)} runs in {len(groups)} rows"

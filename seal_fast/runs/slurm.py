@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import write_whole
 
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
          "RESIZING", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
@@ -140,9 +141,7 @@ def record(out: Path, name: str, job_id: str) -> None:
     jobs = read_jobs(out)
     jobs.setdefault(name, []).append(job_id)
     jobs_file(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = jobs_file(out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(jobs, indent=1))
-    tmp.replace(jobs_file(out))
+    write_whole(jobs_file(out), json.dumps(jobs, indent=1))
 
 
 def job_state(job_id: str) -> tuple[str, int]:

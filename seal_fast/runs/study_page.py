@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from ..files import write_whole
 from .outdir import check_own, marked
 
 PLOTS = ("study-probe_accuracy.png", "study-depth_histogram.png", "study-spectrum.png")
@@ -373,7 +374,5 @@ def write_page(folders: list[str], out: Path, sources: list[Source] | None = Non
     check_page(out)
     page = Page(Study(sources if sources is not None else find_sources(folders)), out)
     text = marked(page.render(), "report")
-    tmp = out / ".study.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "study.md")
+    write_whole(out / "study.md", text)
     return [out / "study.md"] + page.written

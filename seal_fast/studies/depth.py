@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +38,7 @@ from ..errors import ConfigError, DataError
 from .features import load_model
 from ..models import forward_probes, probe_names
 from ..precision import amp_dtype
+from ..files import write_whole, written_whole
 from ..runtime import default_workers, free_memory, pick_device
 from .command import open_output, report_written, require_checkpoints, study_main, study_parser
 
@@ -263,33 +262,20 @@ def summary(r: Result, k: int, split: str, features: str) -> dict:
             "depth_histogram": hist, "seconds": r.seconds}
 
 
-@contextmanager
-def _whole(path: Path):
-    """A text file opened for writing under a temporary name, renamed to `path` once closed whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(out: Path, results: list[Result], args) -> list[Path]:
     from ..plots import plot_depth_histogram, plot_probe_accuracy
 
     rows = [summary(r, args.k, args.split, args.features) for r in results]
-    tmp = out / ".depth.json.tmp"
-    tmp.write_text(json.dumps({"created": datetime.now().isoformat(timespec="seconds"), "results": rows}, indent=2))
-    os.replace(tmp, out / "depth.json")
-    with _whole(out / "probe_accuracy.csv") as f:
+    write_whole(out / "depth.json", json.dumps({"created": datetime.now().isoformat(timespec="seconds"),
+                                                "results": rows}, indent=2))
+    with written_whole(out / "probe_accuracy.csv") as f:
         w = csv.writer(f)
         w.writerow(["checkpoint", "label", "probe_index", "probe", "dim", "knn_acc"])
         for r in results:
             for i, n in enumerate(r.probes):
                 w.writerow([r.path, r.label, i, n, r.dims.get(n), f"{r.knn_acc[n]:.6f}"])
             w.writerow([r.path, r.label, len(r.probes), "output", "", f"{r.final_acc:.6f}"])
-    with _whole(out / "depth_per_sample.csv") as f:
+    with written_whole(out / "depth_per_sample.csv") as f:
         w = csv.writer(f)
         w.writerow(["sample", "label"] + [c for i in range(len(results)) for c in (f"prediction_{i}", f"depth_{i}")])
         for s in range(len(results[0].depth)):

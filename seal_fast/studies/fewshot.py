@@ -44,7 +44,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from datetime import datetime
@@ -54,6 +53,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..files import write_whole, written_whole
 from ..runtime import default_workers
 from .command import open_output, report_written, study_main, study_parser
 from .features import add_extraction_args
@@ -177,11 +177,9 @@ def table_md(rows: list[dict]) -> str:
 
 def write_outputs(out: Path, rows: list[dict], protocol: dict) -> list[Path]:
     add_paired(rows)
-    tmp = out / ".fewshot.json.tmp"
-    tmp.write_text(json.dumps({"created": datetime.now().isoformat(timespec="seconds"), "protocol": protocol,
-                               "results": rows}, indent=2))
-    os.replace(tmp, out / "fewshot.json")
-    with open(out / "fewshot.csv", "w", newline="") as f:
+    write_whole(out / "fewshot.json", json.dumps({"created": datetime.now().isoformat(timespec="seconds"),
+                                                   "protocol": protocol, "results": rows}, indent=2))
+    with written_whole(out / "fewshot.csv") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for r in rows:
@@ -190,7 +188,7 @@ def write_outputs(out: Path, rows: list[dict], protocol: dict) -> list[Path]:
                         r.get("head", "logreg"), r["ways"], r["shots"],
                         r["queries"], r["episodes"], f"{r['accuracy']:.2f}", f"{r['ci95']:.2f}", p.get("vs", ""),
                         f"{p['diff']:+.2f}" if p else "", f"{p['ci95']:.2f}" if p else ""])
-    (out / "table.md").write_text(table_md(rows))
+    write_whole(out / "table.md", table_md(rows))
     return [out / n for n in ("fewshot.json", "fewshot.csv", "table.md")]
 
 

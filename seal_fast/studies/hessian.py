@@ -54,6 +54,7 @@ import torch
 
 from .. import checkpoint
 from ..errors import ConfigError, DataError
+from ..files import write_whole
 from ..runtime import free_memory, pick_device
 from .command import open_output, report_written, require_checkpoints, study_main, study_parser
 from .hessian_math import (
@@ -177,16 +178,14 @@ def write_table(rows: list[dict], path: Path) -> None:
                      (", ".join(f"{x:.4g}" for x in ev) + " | " if top > 1 else "") +
                      f"{t['mean']:.6g} | {t['std']:.3g} ({t['samples']}) | {t['stderr']:.3g} | {r['hessian_vector_products']} | "
                      f"{r['seconds']:.1f} |")
-    path.write_text("\n".join(lines) + "\n")
+    write_whole(path, "\n".join(lines) + "\n")
 
 
 def write_outputs(out: Path, results: list[Result], settings: dict) -> list[Path]:
     from .hessian_plots import plot_spectrum
 
     rows = [r.to_dict(settings) for r in results]
-    tmp = out / ".hessian.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=2))
-    os.replace(tmp, out / "hessian.json")
+    write_whole(out / "hessian.json", json.dumps(rows, indent=2))
     write_table(rows, out / "table.md")
     written = [out / "hessian.json", out / "table.md"]
     if any(r["density"]["nodes"] for r in rows):

@@ -51,7 +51,9 @@ from .. import checkpoint
 from ..data import build_loaders
 from ..errors import ConfigError, DataError
 from .features import load_model
+from ..files import write_whole
 from ..plots import plot_curves
+from ..rundir import rewrite_metrics
 from ..runtime import default_workers, lock_folder, pick_device
 from .command import open_output, require_checkpoints, study_main, study_parser
 
@@ -333,10 +335,10 @@ def run(argv: list[str] | None = None) -> int:
         theta0 = (state.model["fc.weight"].to(device), state.model["fc.bias"].to(device))
         say(f"resumed {out} at epoch {start} of {cfg.epochs}")
     else:
-        (out / "config.json").write_text(json.dumps(run_cfg, indent=2) + "\n")
+        write_whole(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
         val_loss, val_acc = evaluate(model, main.val, smoothing)
         say(f"before PoF: {label}: val loss {val_loss:.3f}, val top-1 {100 * val_acc:.2f}%")
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    rewrite_metrics(out, history)
     say(f"PoF on {root}: {cfg.epochs} epochs x {len(main.train)} steps (B~ {cfg.batch_size}, B {cfg.search_batch}), "
         f"lr {cfg.lr:g}, s {cfg.scale}; loss: {loss_name}; B's BatchNorm in {cfg.bn_mode} mode; search cap "
         f"{cfg.search_cap:g} x xi0; fc fixed, {sum(p.numel() for p in feature_params(model)):,} feature-extractor "

@@ -42,7 +42,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from datetime import datetime
@@ -51,6 +50,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, DataError
+from ..files import write_whole, written_whole
 from ..runtime import default_workers, pick_device
 from .command import open_output, report_written, require_checkpoints, study_main, study_parser
 from .features import add_extraction_args
@@ -132,17 +132,15 @@ def table_md(rows: list[dict]) -> str:
 
 
 def write_outputs(out: Path, rows: list[dict], protocol: dict) -> list[Path]:
-    tmp = out / ".transfer.json.tmp"
-    tmp.write_text(json.dumps({"created": datetime.now().isoformat(timespec="seconds"), "protocol": protocol,
-                               "results": rows}, indent=2))
-    os.replace(tmp, out / "transfer.json")
-    with open(out / "transfer.csv", "w", newline="") as f:
+    write_whole(out / "transfer.json", json.dumps({"created": datetime.now().isoformat(timespec="seconds"),
+                                                   "protocol": protocol, "results": rows}, indent=2))
+    with written_whole(out / "transfer.csv") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for r in rows:
             w.writerow(["" if r.get(c) is None else f"{r[c]:.2f}" if c in PERCENT else f"{r[c]:g}" if c == "l2"
                         else r[c] for c in CSV_COLUMNS])
-    (out / "table.md").write_text(table_md(rows))
+    write_whole(out / "table.md", table_md(rows))
     return [out / n for n in ("transfer.json", "transfer.csv", "table.md")]
 
 
