@@ -8,11 +8,9 @@
   one when some tensor is not 16-byte aligned or its length not a multiple of 16 bytes) (CUDA, or the
   CPU under TRITON_INTERPRET=1); "cuda": the native CUDA C++ twin of that kernel (kernels/cuda/, opt-in:
   `make cuda`; a CUDA device only); "torch": the same step in PyTorch ops (kernels/fused_sgd_torch.py);
-  "auto": triton on CUDA, torch on CPU. On an H200 (ResNet-50's 161 tensors, fp32, bench/bench_sgd.py,
-  2026-12-04) the two GPU kernels tied: graph-replayed Triton 116.8 us, native 116.0 us (1.01x, both 1.03 of a
-  device copy); eager 119.7 vs 120.1 us. A tie keeps Triton, which needs no build. All backends
-  walk the same table
-  (kernels.fused_sgd_table.SGDTable, made by kernels.fused_sgd_table.make_table).
+  "auto": triton on CUDA, torch on CPU: on an H200 the two GPU kernels tied (docs/performance.md, the SGD rows;
+  bench/bench_sgd.py measures yours), and a tie keeps Triton, which needs no build. All backends walk the same
+  table (kernels.fused_sgd_table.SGDTable, made by kernels.fused_sgd_table.make_table).
 - momentum, dampening and nesterov are shared by all groups; lr and weight_decay are per group.
 - Hyper-parameters live in device tensors. `step()` copies changed group values there (a host-to-device
   copy, no sync); to replay a captured CUDA graph with new values, call `sync_hyperparameters()` before

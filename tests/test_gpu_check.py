@@ -74,6 +74,23 @@ def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
     assert committed_results() == before, "a smoke run must not touch bench/results/"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_sanitized_script_runs_on_a_cpu(backend):
+    """The sanitizer step's script (bench/gpu_steps.py SANITIZED) on the CPU, the GPU's device names swapped: the
+    optimizer and KNN calls it makes still exist and run (Triton under its interpreter: the fused SGD kernel itself
+    with BE=triton, the KNN kernel with both), so a renamed API fails here, not in a GPU's minutes. About 40 s per backend on 2 cores."""
+    from bench.gpu_steps import SANITIZED
+
+    script = SANITIZED.replace("device='cuda'", "device='cpu'").replace("torch.cuda.synchronize(); ", "")
+    assert script.count("device='cpu'") == 3 and "cuda" not in script.replace("backend", "")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, BE=backend, TRITON_INTERPRET="1",
+                                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith(f"{backend} ran"), done.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real command runs every step")
 def test_the_real_command_on_a_cpu_skips_every_gpu_step_saying_why(tmp_path):
     out = tmp_path / "gc"
