@@ -51,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.gpu_steps import sanitizer_exe  # noqa: E402
+from seal_fast.files import write_whole  # noqa: E402 - a kill leaves the old file or the new one, never half
 
 STEPS = ("env", "native", "pytest", "sanitizer", "sgd", "knn", "synth", "train", "pack", "data", "depth", "cli")
 GPU_ONLY = {"sanitizer", "pack"}  # nothing to run without CUDA, even at tiny sizes
@@ -279,12 +280,6 @@ def targets(steps: dict[str, Step], cuda: bool) -> list[tuple[str, str, str, str
     return out
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
-
-
 @dataclass
 class Check:
     """One gpu_check run: where it writes, its clock and budget, what the steps found so far."""
@@ -327,7 +322,7 @@ def write_report(c: Check, steps: list[Step]) -> None:
     lines += [f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.why} |" for s in steps]
     lines += ["", "| performance target | measured | target | verdict |", "|---|---|---|---|"]
     lines += [f"| {n} | {m} | {g} | {v} |" for n, m, g, v in targets(by, c.cuda())]
-    atomic_write(c.out / "summary.md", "\n".join(lines) + "\n")
+    write_whole(c.out / "summary.md", "\n".join(lines) + "\n")
     base = {"date": info["date"], "commit": info["commit"], "device": info["gpu"], "torch": info.get("torch", ""),
             "triton": info.get("triton", ""), "cuda": info.get("cuda", "")}
     rows = [dict(base, step="env", bench="env", **{k: v for k, v in info.items() if k not in base})]
@@ -338,7 +333,7 @@ def write_report(c: Check, steps: list[Step]) -> None:
     w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     w.writeheader()
     w.writerows(rows)
-    atomic_write(c.out / "results.csv", buf.getvalue())
+    write_whole(c.out / "results.csv", buf.getvalue())
 
 
 def skip_reason(s: Step, c: Check, ahead: bool = False) -> str:
@@ -373,12 +368,12 @@ def after(s: Step, c: Check, run_dir: Path) -> None:
     elif s.name == "synth" and s.status == "ok":
         c.data = next((ln[6:] for ln in s.output.splitlines() if ln.startswith("data: ")), None)
     elif s.name == "pytest":
-        atomic_write(c.out / "pytest.txt", s.output)
+        write_whole(c.out / "pytest.txt", s.output)
         s.why = (s.why + "; " if s.why else "") + pytest_counts(s.output)
     elif s.name == "train":
         profiles = sorted(p for p in c.results_dir.glob("train_profile_*.txt") if p.stat().st_mtime >= c.started_at)
         if profiles:
-            atomic_write(c.out / "profile.txt", "\n\n".join(p.read_text() for p in profiles))
+            write_whole(c.out / "profile.txt", "\n\n".join(p.read_text() for p in profiles))
     elif s.name == "cli" and s.status == "ok":
         s.rows = cli_rows(run_dir)
 
